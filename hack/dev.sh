@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make dev`: a local cluster with the CRDs, the operator and an example worker, then one example
+# run end to end. Everything keeps running afterwards; `make down` (this script with --down)
+# stops the processes it started and the cluster.
+#
+# Usage: hack/dev.sh [--down] CLUSTER_DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KT=.venv/bin/kubetask
+
+if [ "${1:-}" = "--down" ]; then
+  dir=$2
+  for name in worker operator; do
+    pidfile="$dir-$name.pid"
+    if [ -f "$pidfile" ]; then
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+      echo "Stopped the $name."
+    fi
+  done
+  $KT cluster down --dir "$dir"
+  exit 0
+fi
+
+dir=$1
+if ! $KT cluster env --dir "$dir" >/dev/null 2>&1; then
+  $KT cluster up --dir "$dir"
+else
+  echo "Reusing the local cluster in $dir."
+fi
+eval "$($KT cluster env --dir "$dir")"
+
+kubectl apply -f crds/ >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd --all >/dev/null
+echo "Applied the CRDs: $(kubectl get crd -o name | grep kubetask.io | tr '\n' ' ')"
+
+start() {  # name, then the kubetask arguments
+  local name=$1; shift
+  local pidfile="$dir-$name.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "The $name is already running (pid $(cat "$pidfile"))."
+    return
+  fi
+  nohup $KT "$@" >"$dir-$name.log" 2>&1 &
+  echo $! >"$pidfile"
+  echo "Started the $name (pid $!, log $dir-$name.log)."
+}
+start operator operator
+start worker worker examples.python.hello_worker:worker
+
+echo "Running the example task 'hello' ..."
+$KT run hello --input '{"name": "kubetask"}' --wait --timeout 120
+
+cat <<TEXT
+
+kubetask is running locally. Try:
+  eval "\$(.venv/bin/kubetask cluster env --dir $dir)"
+  kubectl get taskruns                 # or: kubectl get kubetask
+  .venv/bin/kubetask run hello --input '{"name": "you"}' --wait
+  kubectl apply -f examples/           # the example manifests
+Stop everything with: make down
+TEXT

@@ -1,0 +1,176 @@
+"""API I/O shared by the client and the worker: TaskRuns, Tasks, Pods and Leases.
+
+Everything here is a thin, synchronous call on the official Kubernetes client; callers that live in
+an event loop run these in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any, cast
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+logger = logging.getLogger(__name__)
+
+GROUP = "kubetask.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+TASKRUNS = "taskruns"
+TASKS = "tasks"
+RATELIMITS = "ratelimits"
+
+#: Seconds a watch request stays open before the server ends it and it is opened again.
+WATCH_SECONDS = 240
+
+Obj = dict[str, Any]
+
+
+class StaleAttemptError(Exception):
+    """A guarded status write found that the run is no longer this attempt's."""
+
+
+def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """The in-cluster service account inside a pod, else the kubeconfig (KUBECONFIG, ~/.kube)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+def default_namespace(kubeconfig: str | None = None) -> str:
+    if namespace := os.environ.get("POD_NAMESPACE"):
+        return namespace
+    try:
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (config.ConfigException, FileNotFoundError, TypeError):
+        return "default"
+    return str(active.get("context", {}).get("namespace") or "default")
+
+
+class Kube:
+    """The calls kubetask makes, named for what they do."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
+
+    # --- TaskRuns -------------------------------------------------------------------------
+
+    def create_run(self, namespace: str, body: Obj) -> Obj:
+        return cast(
+            Obj,
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, TASKRUNS, body),
+        )
+
+    def get_run(self, namespace: str, name: str) -> Obj:
+        return cast(
+            Obj, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TASKRUNS, name)
+        )
+
+    def cancel_run(self, namespace: str, name: str) -> Obj:
+        return cast(
+            Obj,
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, TASKRUNS, name, {"spec": {"cancel": True}}
+            ),
+        )
+
+    def list_runs(self, namespace: str, *, field_selector: str = "") -> tuple[list[Obj], str]:
+        listing = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, TASKRUNS, field_selector=field_selector
+        )
+        return listing["items"], listing["metadata"]["resourceVersion"]
+
+    def watch_runs(
+        self,
+        namespace: str,
+        *,
+        field_selector: str,
+        resource_version: str,
+        timeout_seconds: int = WATCH_SECONDS,
+    ) -> Iterator[tuple[str, Obj]]:
+        """Events after `resource_version` until the server closes the watch."""
+        stream = watch.Watch().stream(
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            TASKRUNS,
+            field_selector=field_selector,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_seconds,
+        )
+        for event in stream:
+            yield event["type"], event["object"]
+
+    def replace_run_status(self, namespace: str, name: str, *, guards: Obj, status: Obj) -> Obj:
+        """Replace the whole status, only if every `guards` status field still has its value."""
+        return self._patch_status_guarded(
+            namespace, name, guards, [{"op": "replace", "path": "/status", "value": status}]
+        )
+
+    def set_run_status_fields(self, namespace: str, name: str, *, guards: Obj, fields: Obj) -> Obj:
+        """Set some status fields, only if every `guards` status field still has its value."""
+        ops = [
+            {"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()
+        ]
+        return self._patch_status_guarded(namespace, name, guards, ops)
+
+    def _patch_status_guarded(
+        self, namespace: str, name: str, guards: Obj, changes: list[Obj]
+    ) -> Obj:
+        # A JSON Patch `test` checks the guards on the server in the same write, so a result from
+        # an attempt that was cancelled, timed out or re-assigned can never land.
+        ops: list[Obj] = [
+            {"op": "test", "path": f"/status/{field}", "value": value}
+            for field, value in guards.items()
+        ]
+        try:
+            return cast(
+                Obj,
+                self.api_client.call_api(
+                    f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{TASKRUNS}/{name}/status",
+                    "PATCH",
+                    header_params={
+                        "Content-Type": "application/json-patch+json",
+                        "Accept": "application/json",
+                    },
+                    body=ops + changes,
+                    response_type="object",
+                    auth_settings=["BearerToken"],
+                    _return_http_data_only=True,
+                ),
+            )
+        except ApiException as exc:
+            # The server answers a failed `test` with 422 and a missing run with 404.
+            if exc.status in (404, 409, 422):
+                raise StaleAttemptError(f"{namespace}/{name}: {exc.reason}") from exc
+            raise
+
+    # --- Tasks ----------------------------------------------------------------------------
+
+    def apply_task(self, namespace: str, body: Obj, *, field_manager: str) -> Obj:
+        """Server-side apply, so a worker owns exactly the fields it sets."""
+        name = body["metadata"]["name"]
+        return cast(
+            Obj,
+            self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                TASKS,
+                name,
+                body,
+                field_manager=field_manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            ),
+        )

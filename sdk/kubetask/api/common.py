@@ -1,0 +1,204 @@
+"""What every kubetask kind shares: the API group, object metadata, conditions, timestamps.
+
+The models here and in the per-kind modules are the one definition of the kubetask API: the CRDs
+under ``crds/`` are generated from them by :mod:`kubetask.api.crd`, so a constraint written here is
+enforced both in Python and by the API server.
+"""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+GROUP: Final = "kubetask.io"
+VERSION: Final = "v1alpha1"
+# GROUP/VERSION spelt out, so that the type checker knows the literal that apiVersion must be.
+API_VERSION: Final = "kubetask.io/v1alpha1"
+
+# Counters and limits are int32 on the wire, as Kubernetes' API conventions ask; the bound also
+# keeps a Python int too large for the API server from ever leaving the SDK.
+INT32_MAX = 2**31 - 1
+# Generations are int64, the largest integer the API server reads.
+INT64_MAX = 2**63 - 1
+
+# The name of an object in the namespace (RFC 1123 subdomain), e.g. the RateLimit a task names.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+OBJECT_NAME_MAX_LENGTH = 253
+
+# Machine-readable reasons and condition types are single PascalCase words, e.g. WorkerLost.
+PASCAL_CASE_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+
+
+def cel_rule(
+    rule: str,
+    message: str,
+    *,
+    field_path: str | None = None,
+    reason: str | None = None,
+) -> JsonDict:
+    """One entry of ``x-kubernetes-validations``: a CEL rule the API server checks.
+
+    ``field_path`` (relative to the object the rule sits on, e.g. ``.limit``) makes the server's
+    error name that field instead of the object; ``reason`` picks the error kind users see
+    (``FieldValueRequired``, ``FieldValueForbidden``, ...; the server's default is
+    ``FieldValueInvalid``).
+    """
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    if reason is not None:
+        entry["reason"] = reason
+    return entry
+
+
+class SpecModel(BaseModel):
+    """A part of a spec: camelCase on the wire, snake_case in Python, unknown fields refused.
+
+    Refusing unknown fields catches a misspelt field in Python just as the API server's strict field
+    validation does for ``kubectl apply``.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class StatusModel(BaseModel):
+    """A part of a status: written by the operator, read by everyone.
+
+    Unknown fields are ignored so that a client keeps reading the status of a newer operator.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+def _in_utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A moment in time: timezone-aware, kept in UTC, written as RFC 3339 ending in ``Z``."""
+
+
+class ConditionStatus(StrEnum):
+    """Whether a condition holds, as in every Kubernetes condition."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StatusModel):
+    """One aspect of an object's state, in the shape every Kubernetes condition has."""
+
+    type: str = Field(
+        pattern=PASCAL_CASE_PATTERN,
+        max_length=316,
+        description="Which aspect this condition describes, in PascalCase, e.g. Ready.",
+    )
+    status: ConditionStatus = Field(
+        description="Whether the condition holds: True, False or Unknown."
+    )
+    reason: str = Field(
+        pattern=PASCAL_CASE_PATTERN,
+        max_length=1024,
+        description="Why the condition last changed, in PascalCase, for programs to match on.",
+    )
+    message: str = Field(
+        max_length=32768,
+        description="Why the condition last changed, in words for people; may be empty.",
+    )
+    last_transition_time: Timestamp = Field(
+        description="When status last changed from one value to another.",
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        ge=0,
+        le=INT64_MAX,
+        description="The metadata.generation the condition was computed from.",
+    )
+
+
+def _one_per_type(conditions: list[Condition]) -> list[Condition]:
+    seen: set[str] = set()
+    for condition in conditions:
+        if condition.type in seen:
+            raise ValueError(f"conditions has type {condition.type!r} twice; keep one per type")
+        seen.add(condition.type)
+    return conditions
+
+
+Conditions = Annotated[
+    list[Condition],
+    Field(
+        max_length=32,
+        json_schema_extra={
+            # A map keyed by type: server-side apply merges conditions one type at a time.
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    ),
+    AfterValidator(_one_per_type),
+]
+"""The conditions of an object, at most one per type."""
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes' object metadata kubetask reads; every other field is kept as is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str | None = Field(default=None, description="The object's name in its namespace.")
+    generate_name: str | None = Field(
+        default=None,
+        description="A prefix from which the API server makes a unique name when name is not set.",
+    )
+    namespace: str | None = Field(default=None, description="The namespace the object lives in.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels for selecting.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Free-form annotations.")
+    resource_version: str | None = Field(
+        default=None, description="Version for optimistic locking."
+    )
+    uid: str | None = Field(default=None, description="The object's unique id, set by the server.")
+    generation: int | None = Field(
+        default=None,
+        description="Counts changes to the spec; set by the server.",
+    )
+    creation_timestamp: Timestamp | None = Field(
+        default=None,
+        description="When the object was created; set by the server.",
+    )
+
+    @model_validator(mode="after")
+    def _named(self) -> Self:
+        if self.name is None and self.generate_name is None:
+            raise ValueError("metadata needs name or generateName")
+        return self
+
+
+class Resource(BaseModel):
+    """A kubetask object as a whole: apiVersion, kind, metadata, spec and status.
+
+    Subclasses fix ``kind`` and add ``spec`` and ``status``.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    plural: ClassVar[str]
+    """The resource name in API paths, e.g. ``taskruns`` in /apis/kubetask.io/v1alpha1/..."""
+
+    api_version: Literal["kubetask.io/v1alpha1"] = Field(
+        default=API_VERSION,
+        description="The API group and version of kubetask objects.",
+    )
+    metadata: ObjectMeta = Field(description="Standard Kubernetes object metadata.")
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The object as the Kubernetes API takes it: camelCase keys, unset fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Self:
+        """Read an object as the Kubernetes API returns it (or as a user wrote it)."""
+        return cls.model_validate(manifest)

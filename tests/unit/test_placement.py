@@ -1,0 +1,147 @@
+"""Which queued run goes to which worker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubetask_operator.placement import (
+    AffinityTerm,
+    Comparator,
+    QueuedRun,
+    WaitReason,
+    Worker,
+    place,
+    score,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def run(name: str, task: str = "t", priority: int = 1, at: int = 0) -> QueuedRun:
+    return QueuedRun(name=name, task=task, priority=priority, queued_at=T0 + timedelta(seconds=at))
+
+
+def worker(name: str, slots: int = 1, busy: int = 0, tasks: tuple[str, ...] = ("t",), **labels: str) -> Worker:
+    return Worker(name=name, tasks=frozenset(tasks), slots=slots, busy=busy, labels=labels)
+
+
+def test_higher_priority_goes_first_then_arrival_order() -> None:
+    queue = [run("old-low", at=0), run("new-high", priority=3, at=5), run("mid", priority=2, at=1)]
+    result = place(queue, [worker("w", slots=2)], {})
+    assert [a.run for a in result.assignments] == ["new-high", "mid"]
+    assert result.waiting == {"t": WaitReason.SLOTS_BUSY}
+
+
+def test_same_second_runs_keep_the_order_they_were_seen_in() -> None:
+    queue = [
+        QueuedRun("b", "t", 1, T0, seq=1),
+        QueuedRun("a", "t", 1, T0, seq=2),
+    ]
+    result = place(queue, [worker("w")], {})
+    assert [a.run for a in result.assignments] == ["b"]
+
+
+def test_a_required_label_excludes_workers_without_it() -> None:
+    gpu = AffinityTerm("gpu", "true", required=True)
+    result = place([run("r")], [worker("cpu", slots=5), worker("big", gpu="true")], {"t": [gpu]})
+    assert [(a.run, a.worker) for a in result.assignments] == [("r", "big")]
+
+
+def test_the_required_label_can_come_from_the_node() -> None:
+    # Worker labels are the node's overlaid with the pod's; the view merges them.
+    term = AffinityTerm("nvidia.com/gpu.present", "true", required=True)
+    labelled = Worker("w", frozenset({"t"}), 1, 0, {"nvidia.com/gpu.present": "true"})
+    assert place([run("r")], [labelled], {"t": [term]}).assignments[0].worker == "w"
+
+
+def test_no_matching_worker_is_told_apart_from_no_worker_and_busy_slots() -> None:
+    gpu = AffinityTerm("gpu", "true", required=True)
+    assert place([run("r")], [], {}).waiting == {"t": WaitReason.NO_WORKER}
+    assert place([run("r")], [worker("cpu")], {"t": [gpu]}).waiting == {
+        "t": WaitReason.NO_MATCHING_WORKER
+    }
+    assert place([run("r")], [worker("w", busy=1)], {}).waiting == {"t": WaitReason.SLOTS_BUSY}
+
+
+def test_preferred_weights_pick_the_better_worker_then_the_least_loaded() -> None:
+    terms = [
+        AffinityTerm("model", "llama", weight=50),
+        AffinityTerm("zone", "a", weight=10),
+    ]
+    workers = [worker("zone-only", zone="a"), worker("model-only", model="llama")]
+    assert place([run("r")], workers, {"t": terms}).assignments[0].worker == "model-only"
+
+    even = [worker("busy", slots=4, busy=3), worker("idle", slots=4, busy=1)]
+    assert place([run("r")], even, {}).assignments[0].worker == "idle"
+
+
+def test_ordering_comparators_compare_integers() -> None:
+    at_least_16 = AffinityTerm("memory-gb", "16", Comparator.GREATER_THAN_OR_EQUAL)
+    assert at_least_16.matches({"memory-gb": "32"})
+    assert not at_least_16.matches({"memory-gb": "8"})
+    assert not at_least_16.matches({"memory-gb": "lots"})
+    assert AffinityTerm("x", "1", Comparator.NOT_EQUAL).matches({})
+    assert score([AffinityTerm("x", "1", required=True)], {}) is None
+
+
+def test_a_blocked_task_does_not_block_other_tasks() -> None:
+    queue = [run("a1", task="a", priority=3), run("b1", task="b")]
+    workers = [worker("wa", busy=1, tasks=("a",)), worker("wb", tasks=("b",))]
+    result = place(queue, workers, {})
+    assert [a.run for a in result.assignments] == ["b1"]
+    assert result.waiting == {"a": WaitReason.SLOTS_BUSY}
+
+
+queues = st.lists(
+    st.builds(
+        QueuedRun,
+        name=st.uuids().map(str),
+        task=st.sampled_from(["a", "b", "c"]),
+        priority=st.integers(1, 3),
+        queued_at=st.integers(0, 100).map(lambda s: T0 + timedelta(seconds=s)),
+        seq=st.integers(0, 1000),
+    ),
+    max_size=60,
+    unique_by=lambda r: r.name,
+)
+worker_sets = st.lists(
+    st.builds(
+        Worker,
+        name=st.uuids().map(str),
+        tasks=st.frozensets(st.sampled_from(["a", "b", "c"]), min_size=1),
+        slots=st.integers(1, 5),
+        busy=st.integers(0, 5),
+        labels=st.fixed_dictionaries({"gpu": st.sampled_from(["true", "false"])}),
+    ),
+    max_size=6,
+    unique_by=lambda w: w.name,
+)
+
+
+@settings(max_examples=300)
+@given(queue=queues, workers=worker_sets, gpu_for_a=st.booleans())
+def test_placement_never_overfills_slots_and_always_honours_required_labels(
+    queue: list[QueuedRun], workers: list[Worker], gpu_for_a: bool
+) -> None:
+    affinity = {"a": [AffinityTerm("gpu", "true", required=True)]} if gpu_for_a else {}
+    result = place(queue, workers, affinity)
+    by_worker = {w.name: w for w in workers}
+    by_run = {r.name: r for r in queue}
+    counts: dict[str, int] = {}
+    for assignment in result.assignments:
+        counts[assignment.worker] = counts.get(assignment.worker, 0) + 1
+        w = by_worker[assignment.worker]
+        r = by_run[assignment.run]
+        assert r.task in w.tasks
+        if gpu_for_a and r.task == "a":
+            assert w.labels["gpu"] == "true"
+    for name, count in counts.items():
+        assert by_worker[name].busy + count <= by_worker[name].slots
+    # Within a task, the assigned runs are exactly the first ones in queue order.
+    for task in {"a", "b", "c"}:
+        ordered = sorted((r for r in queue if r.task == task), key=QueuedRun.order_key)
+        assigned = {a.run for a in result.assignments if by_run[a.run].task == task}
+        assert {r.name for r in ordered[: len(assigned)]} == assigned
