@@ -328,8 +328,10 @@ def _start_components(directory: Path, bin_dir: Path, token: str) -> ClusterStat
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.key'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
-                # Pods run under KWOK have no containers, so they need no token volumes.
-                "--disable-admission-plugins=ServiceAccount",
+                # Pods run under KWOK have no containers, so they need no token volumes; fake nodes
+                # are Ready from the start, and without the node lifecycle controller nobody would
+                # lift the not-ready taint that TaintNodesByCondition puts on new nodes.
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
                 "--allow-privileged=true",
                 # Benchmarks and tests create thousands of objects quickly; the defaults would
                 # throttle them long before etcd is the limit.
@@ -361,6 +363,8 @@ def _start_components(directory: Path, bin_dir: Path, token: str) -> ClusterStat
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
                 "--use-service-account-credentials=false",
+                # KWOK keeps the fake nodes Ready; node lifecycle would taint them on a late
+                # heartbeat, and IPAM has no pod network to manage.
                 "--controllers=*,-node-ipam-controller,-node-lifecycle-controller",
             ],
         )

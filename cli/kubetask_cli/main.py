@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf reports every handled watch event at INFO; the operator logs its own decisions.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     handler: Command = args.handler
     return handler(args)
 

@@ -52,7 +52,7 @@ class RunRecord:
     task: str
     created: datetime
     seq: int
-    """Order in which the operator first saw the run: FIFO below creationTimestamp's seconds."""
+    """FIFO tie-breaker below creationTimestamp's whole seconds (see `ClusterView.upsert_run`)."""
     priority: int | None = None
     run_at: datetime | None = None
     cancel: bool = False

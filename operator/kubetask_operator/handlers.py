@@ -49,6 +49,13 @@ def build_registry(
             len(view.runs), len(view.tasks), len(view.workers()),
         )  # fmt: skip
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A registry of our own does not carry kopf's default login handlers; this is the one
+        # for the official client, which reads in-cluster config or KUBECONFIG.
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
+
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
         for task in loop_task:

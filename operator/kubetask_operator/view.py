@@ -7,7 +7,6 @@ older version must not roll that back.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from datetime import UTC, datetime
@@ -57,7 +56,6 @@ class ClusterView:
         self.leases: dict[Key, Obj] = {}
         self.node_labels: dict[str, dict[str, str]] = {}
         self._versions: dict[tuple[str, Key], int] = {}
-        self._seq = itertools.count()
 
     def _newer(self, kind: str, obj: Obj) -> bool:
         key = (kind, _key(obj))
@@ -77,7 +75,10 @@ class ClusterView:
             return
         key = _key(obj)
         previous = self.runs.get(key)
-        seq = previous.seq if previous is not None else next(self._seq)
+        # A run that was never written since its creation still has the resourceVersion of its
+        # creation, and etcd hands those out in creation order: an exact FIFO tie-breaker within
+        # one second of creationTimestamp, even for runs first seen in a restart's listing.
+        seq = previous.seq if previous is not None else _version(obj)
         record = run_record(obj, seq)
         if record.final:
             # Final runs never change again; keeping them would only grow memory.

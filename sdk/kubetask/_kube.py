@@ -136,17 +136,14 @@ class Kube:
         try:
             return cast(
                 Obj,
-                self.api_client.call_api(
-                    f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{TASKRUNS}/{name}/status",
-                    "PATCH",
-                    header_params={
-                        "Content-Type": "application/json-patch+json",
-                        "Accept": "application/json",
-                    },
-                    body=ops + changes,
-                    response_type="object",
-                    auth_settings=["BearerToken"],
-                    _return_http_data_only=True,
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    TASKRUNS,
+                    name,
+                    ops + changes,
+                    _content_type="application/json-patch+json",
                 ),
             )
         except ApiException as exc:

@@ -88,6 +88,8 @@ class _Execution:
     context: Context | None = None
     task: asyncio.Task[None] | None = None
     taken_away: bool = False
+    finishing: bool = False
+    """The result is being written: the run's own final event must not cancel the write."""
 
 
 class Worker:
@@ -373,7 +375,7 @@ class Worker:
             and not (run.get("spec") or {}).get("cancel", False)
         )
         if not mine:
-            if current is not None:
+            if current is not None and not current.finishing:
                 self._take_away(current)
             return
         started_at = str(status.get("startedAt"))
@@ -543,6 +545,9 @@ class Worker:
         self, execution: _Execution, status: dict[str, Any], context: Context | None
     ) -> None:
         assert self.identity is not None
+        if execution.taken_away:
+            return
+        execution.finishing = True
         if context is not None and context.logs:
             status["logs"] = context.logs
         identity = self.identity

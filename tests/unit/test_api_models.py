@@ -267,6 +267,34 @@ def test_metadata_needs_a_name_or_a_generated_name() -> None:
         ObjectMeta()
 
 
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"name": "Resize_Image"}, "name"),
+        ({"name": "a" * 254}, "name"),
+        ({"generateName": "-run-"}, "generateName"),
+        ({"name": "ok", "namespace": "Media"}, "namespace"),
+        ({"name": "ok", "labels": {"team": "media team"}}, "team"),
+        ({"name": "ok", "labels": {"team": "x" * 64}}, "team"),
+        ({"name": "ok", "labels": {"bad key": "x"}}, "bad key"),
+        ({"name": "ok", "labels": {"Example.com/team": "x"}}, "Example.com/team"),
+        ({"name": "ok", "annotations": {"/empty-prefix": "x"}}, "/empty-prefix"),
+        ({"name": "ok", "annotations": {"note": "x" * 300_000}}, "256 KiB"),
+    ],
+)
+def test_metadata_the_server_would_refuse_is_refused(
+    metadata: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ObjectMeta.model_validate(metadata)
+
+
+def test_metadata_accepts_qualified_label_keys_and_empty_values() -> None:
+    labels = {"app.kubernetes.io/part-of": "kubetask", "tier": "", "v": "1.2_3-a"}
+
+    assert ObjectMeta(name="a.b-c", namespace="media", labels=labels).labels == labels
+
+
 # --- durations ------------------------------------------------------------------------------------
 
 
@@ -498,6 +526,7 @@ def test_equality_comparators_take_any_string(comparator: WorkerLabelComparator)
     [
         ({}, "task"),
         ({"task": ""}, "task"),
+        ({"task": "Resize_Image"}, "task"),
         ({"task": "hello", "priority": 0}, "priority"),
         ({"task": "hello", "priority": 4}, "priority"),
         ({"task": "hello", "runAt": "tomorrow"}, "runAt"),

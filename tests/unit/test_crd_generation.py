@@ -152,6 +152,16 @@ def test_schema_is_structural(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["Task", "TaskRun", "RateLimit"])
+def test_bounds_survive_the_servers_float64(kind: str) -> None:
+    # The API server keeps minimum and maximum as float64 and refuses an integer bound that
+    # float64 rounds, such as 2^63 - 1.
+    for path, node in walk(schema_of(kind)):
+        for bound in ("minimum", "maximum"):
+            if bound in node and node.get("type") == "integer":
+                assert float(node[bound]) == node[bound], f"{kind}{path} {bound}"
+
+
+@pytest.mark.parametrize("kind", ["Task", "TaskRun", "RateLimit"])
 def test_every_field_tells_users_what_it_is(kind: str) -> None:
     for path, node in walk(schema_of(kind)):
         # Items of lists and maps are described by the field holding them.

@@ -5,6 +5,7 @@ under ``crds/`` are generated from them by :mod:`kubetask.api.crd`, so a constra
 enforced both in Python and by the API server.
 """
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
@@ -73,6 +74,22 @@ class StatusModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+def _fits_int64(value: int) -> int:
+    if value > INT64_MAX:
+        raise ValueError(f"{value} is larger than the API server can store (2^63 - 1)")
+    return value
+
+
+Generation = Annotated[
+    int,
+    # NB: not le=INT64_MAX: the API server reads schema bounds as float64, which rounds 2^63 - 1 up
+    # to a bound it then refuses. format: int64 says the same thing exactly.
+    Field(ge=0, json_schema_extra={"format": "int64"}),
+    AfterValidator(_fits_int64),
+]
+"""A metadata.generation value."""
+
+
 def _in_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
@@ -112,10 +129,8 @@ class Condition(StatusModel):
     last_transition_time: Timestamp = Field(
         description="When status last changed from one value to another.",
     )
-    observed_generation: int | None = Field(
+    observed_generation: Generation | None = Field(
         default=None,
-        ge=0,
-        le=INT64_MAX,
         description="The metadata.generation the condition was computed from.",
     )
 
@@ -144,19 +159,80 @@ Conditions = Annotated[
 """The conditions of an object, at most one per type."""
 
 
+# The rules the API server applies to every object's metadata, so that a manifest built in Python
+# is not refused for its name or labels.
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_VALUE_MAX_LENGTH = 63
+_ANNOTATIONS_MAX_BYTES = 256 * 1024
+# The API server appends five random characters to generateName.
+_GENERATED_SUFFIX_LENGTH = 5
+
+
+def _is_qualified_name(key: str) -> bool:
+    """A label or annotation key: an optional DNS subdomain prefix and "/", then a short name."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > OBJECT_NAME_MAX_LENGTH or not _OBJECT_NAME.fullmatch(prefix)):
+        return False
+    return len(name) <= _LABEL_VALUE_MAX_LENGTH and bool(_LABEL_NAME.fullmatch(name))
+
+
+def _valid_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        if not _is_qualified_name(key):
+            raise ValueError(f"label key {key!r} is not a qualified name such as example.com/team")
+        if len(value) > _LABEL_VALUE_MAX_LENGTH or not _LABEL_VALUE.fullmatch(value):
+            raise ValueError(
+                f"label {key}={value!r}: values are at most 63 letters, digits, '-', '_' or '.', "
+                "beginning and ending with a letter or digit"
+            )
+    return labels
+
+
+def _valid_annotations(annotations: dict[str, str]) -> dict[str, str]:
+    for key in annotations:
+        if not _is_qualified_name(key):
+            raise ValueError(
+                f"annotation key {key!r} is not a qualified name such as example.com/a"
+            )
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+    if size > _ANNOTATIONS_MAX_BYTES:
+        raise ValueError(f"annotations take {size} bytes; the API server allows 256 KiB")
+    return annotations
+
+
 class ObjectMeta(BaseModel):
     """The part of Kubernetes' object metadata kubetask reads; every other field is kept as is."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
-    name: str | None = Field(default=None, description="The object's name in its namespace.")
+    name: str | None = Field(
+        default=None,
+        pattern=OBJECT_NAME_PATTERN,
+        max_length=OBJECT_NAME_MAX_LENGTH,
+        description="The object's name in its namespace: lower case letters, digits, '-' and '.'.",
+    )
     generate_name: str | None = Field(
         default=None,
+        max_length=OBJECT_NAME_MAX_LENGTH - _GENERATED_SUFFIX_LENGTH,
         description="A prefix from which the API server makes a unique name when name is not set.",
     )
-    namespace: str | None = Field(default=None, description="The namespace the object lives in.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels for selecting.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Free-form annotations.")
+    namespace: str | None = Field(
+        default=None,
+        pattern=NAMESPACE_PATTERN,
+        max_length=63,
+        description="The namespace the object lives in.",
+    )
+    labels: Annotated[dict[str, str], AfterValidator(_valid_labels)] = Field(
+        default_factory=dict,
+        description="Labels for selecting.",
+    )
+    annotations: Annotated[dict[str, str], AfterValidator(_valid_annotations)] = Field(
+        default_factory=dict,
+        description="Free-form annotations.",
+    )
     resource_version: str | None = Field(
         default=None, description="Version for optimistic locking."
     )
@@ -174,6 +250,12 @@ class ObjectMeta(BaseModel):
     def _named(self) -> Self:
         if self.name is None and self.generate_name is None:
             raise ValueError("metadata needs name or generateName")
+        # A stand-in for the random suffix: the name the server makes must be a valid name.
+        if self.generate_name is not None and not _OBJECT_NAME.fullmatch(f"{self.generate_name}x"):
+            raise ValueError(
+                f"generateName {self.generate_name!r} does not start a valid name: use lower case "
+                "letters, digits, '-' and '.', beginning with a letter or digit"
+            )
         return self
 
 

@@ -10,7 +10,7 @@ subresource.
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,20 @@ from kubetask.api.common import GROUP, VERSION, Resource
 from kubetask.api.ratelimit import RateLimit
 from kubetask.api.task import Task
 from kubetask.api.taskrun import TaskRun
+
+__all__ = [
+    "CATEGORY",
+    "KINDS",
+    "PrinterColumn",
+    "ResourceKind",
+    "crd_files",
+    "custom_resource_definition",
+    "custom_resource_definitions",
+    "main",
+    "openapi_schema",
+    "structural",
+    "write_crds",
+]
 
 # `kubectl get kubetask` lists every kind in this category.
 CATEGORY = "kubetask"
@@ -40,6 +54,7 @@ class PrinterColumn:
     type: str
     json_path: str
     description: str
+    _: KW_ONLY
     priority: int = 0
 
 
@@ -70,13 +85,17 @@ KINDS = (
         TaskRun,
         short_name="tr",
         columns=(
-            PrinterColumn("Task", "string", ".spec.task", "The task run."),
+            PrinterColumn("Task", "string", ".spec.task", "The task this run runs."),
             PrinterColumn("Phase", "string", ".status.phase", "Where the run is in its life."),
             PrinterColumn("Attempt", "integer", ".status.attempt", "Current or last attempt."),
             PrinterColumn("Worker", "string", ".status.worker", "Worker pod running it."),
             _AGE,
             PrinterColumn(
-                "Reason", "string", ".status.reason", "Why the last transition happened.", 1
+                "Reason",
+                "string",
+                ".status.reason",
+                "Why the last transition happened.",
+                priority=1,
             ),
         ),
         # Workers and the operator watch runs of one task, one worker or one phase.
@@ -131,7 +150,7 @@ class _SchemaGenerator(GenerateJsonSchema):
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
         factory = schema.get("default_factory")
         if factory is not None and not schema.get("default_factory_takes_data"):
-            return factory()  # type: ignore[call-arg]
+            return factory()
         return super().get_default_value(schema)
 
 
@@ -353,18 +372,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = [
-    "CATEGORY",
-    "KINDS",
-    "PrinterColumn",
-    "ResourceKind",
-    "crd_files",
-    "custom_resource_definition",
-    "custom_resource_definitions",
-    "main",
-    "openapi_schema",
-    "structural",
-    "write_crds",
-]

@@ -7,9 +7,11 @@ from pydantic import ConfigDict, Field, JsonValue, WithJsonSchema
 
 from kubetask.api.common import (
     INT32_MAX,
-    INT64_MAX,
+    OBJECT_NAME_MAX_LENGTH,
+    OBJECT_NAME_PATTERN,
     PASCAL_CASE_PATTERN,
     Conditions,
+    Generation,
     Resource,
     SpecModel,
     StatusModel,
@@ -81,9 +83,10 @@ class TaskRunSpec(SpecModel):
     )
 
     task: str = Field(
-        min_length=1,
-        max_length=253,
-        description="Name of the task to run, as workers register it.",
+        pattern=OBJECT_NAME_PATTERN,
+        max_length=OBJECT_NAME_MAX_LENGTH,
+        description="Name of the task to run: the name of its Task object and of the function "
+        "workers register.",
     )
     input: JsonObject = Field(
         default_factory=dict,
@@ -139,6 +142,21 @@ class TaskRunPhase(StrEnum):
 
 class TaskRunReason(StrEnum):
     """The reasons the operator writes to status.reason; other PascalCase words may follow."""
+
+    SCHEDULED = "Scheduled"
+    """The run waits for spec.runAt."""
+
+    ASSIGNED = "Assigned"
+    """The run was handed to a worker."""
+
+    SUCCEEDED = "Succeeded"
+    """The task returned."""
+
+    RETRYING = "Retrying"
+    """An attempt failed and the run waits for its next one."""
+
+    OUTPUT_TOO_LARGE = "OutputTooLarge"
+    """The task returned more than the run's status can hold."""
 
     SCHEDULE_TIMEOUT = "ScheduleTimeout"
     """Still queued when spec.scheduleTimeout of the task ran out: cancelled."""
@@ -257,10 +275,8 @@ class TaskRunStatus(StatusModel):
         default_factory=list,
         description="The run's conditions, one per type.",
     )
-    observed_generation: int | None = Field(
+    observed_generation: Generation | None = Field(
         default=None,
-        ge=0,
-        le=INT64_MAX,
         description="The metadata.generation the operator last acted on.",
     )
 
