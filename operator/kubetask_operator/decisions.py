@@ -37,11 +37,13 @@ WAITING_CONDITION = "Waiting"
 class TaskRecord:
     namespace: str
     name: str
-    policy: RetryPolicy = RetryPolicy()
+    policy: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     schedule_timeout: timedelta = timedelta(minutes=5)
     execution_timeout: timedelta = timedelta(seconds=60)
     default_priority: int = 1
     affinity: tuple[AffinityTerm, ...] = ()
+    workers: int | None = None
+    """`status.workers` as last written: live workers serving the task."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,8 @@ class Decision:
     wake_at: datetime | None
     queued: int
     """Runs waiting for a worker after this decision (for the queue-depth metric)."""
+    task_workers: dict[tuple[str, str], int]
+    """Tasks whose `status.workers` differs from the live workers serving them now."""
 
 
 def decide(
@@ -147,17 +151,17 @@ def decide(
             continue
         task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
         if run.phase is Phase.RUNNING:
-            change = _running(run, task, live_workers, now, limits, wake)
+            change = _running(run, task, live_workers, now=now, limits=limits, wake=wake)
             if change is not None:
                 transitions.append(change)
             elif run.worker is not None and not run.slot_released:
                 key = (run.namespace, run.worker)
                 busy[key] = busy.get(key, 0) + 1
             continue
-        change = _waiting(run, task, now, wake)
+        change, due = _waiting(run, task, now, wake)
         if change is not None:
             transitions.append(change)
-        elif _assignable(run, now):
+        elif due:
             eligible.append(run)
 
     for worker in live_workers.values():
@@ -165,7 +169,27 @@ def decide(
     assignments, still_waiting = _assign(eligible, tasks, live_workers, busy, now)
     transitions.extend(assignments)
     transitions.extend(_waiting_conditions(still_waiting, now, limits, wake))
-    return Decision(transitions=transitions, wake_at=wake.earliest, queued=len(still_waiting))
+    return Decision(
+        transitions=transitions,
+        wake_at=wake.earliest,
+        queued=len(still_waiting),
+        task_workers=_task_worker_changes(tasks, live_workers.values()),
+    )
+
+
+def _task_worker_changes(
+    tasks: Mapping[tuple[str, str], TaskRecord], live_workers: Iterable[WorkerRecord]
+) -> dict[tuple[str, str], int]:
+    serving: dict[tuple[str, str], int] = {}
+    for worker in live_workers:
+        for task in worker.tasks:
+            key = (worker.namespace, task)
+            serving[key] = serving.get(key, 0) + 1
+    return {
+        key: serving.get(key, 0)
+        for key, task in tasks.items()
+        if task.workers != serving.get(key, 0)
+    }
 
 
 class _Wake:
@@ -181,6 +205,7 @@ def _running(
     run: RunRecord,
     task: TaskRecord,
     live_workers: Mapping[tuple[str, str], WorkerRecord],
+    *,
     now: datetime,
     limits: Limits,
     wake: _Wake,
@@ -225,14 +250,21 @@ def _running(
     return None
 
 
-def _waiting(run: RunRecord, task: TaskRecord, now: datetime, wake: _Wake) -> Transition | None:
-    """Cancellation, schedule timeout and `runAt` for a run that is not running."""
+def _waiting(
+    run: RunRecord, task: TaskRecord, now: datetime, wake: _Wake
+) -> tuple[Transition | None, bool]:
+    """Cancellation, schedule timeout, `runAt` and backoff for a run that is not running.
+
+    Returns the transition due now, if any, and whether the run may be assigned now.
+    """
     if run.cancel:
-        return _cancel(run, now, Reason.CANCELLED, "The run was cancelled before it started.")
+        return _cancel(
+            run, now, Reason.CANCELLED, "The run was cancelled before it started."
+        ), False
     if run.run_at is not None and run.run_at > now and run.attempt == 0:
         wake.at(run.run_at)
         if run.phase is Phase.SCHEDULED:
-            return None
+            return None, False
         return Transition(
             run.namespace,
             run.name,
@@ -241,24 +273,19 @@ def _waiting(run: RunRecord, task: TaskRecord, now: datetime, wake: _Wake) -> Tr
              "message": f"Waiting until {format_time(run.run_at)}."},
             reason=Reason.SCHEDULED.value,
             message=f"Scheduled for {format_time(run.run_at)}.",
-        )  # fmt: skip
+        ), False  # fmt: skip
     expires = _queued_since(run) + task.schedule_timeout
     if expires <= now:
-        return _cancel(
-            run,
-            now,
-            Reason.SCHEDULE_TIMEOUT,
+        message = (
             f"The run was still waiting after its schedule timeout "
-            f"({_seconds(task.schedule_timeout)}).",
+            f"({_seconds(task.schedule_timeout)})."
         )
+        return _cancel(run, now, Reason.SCHEDULE_TIMEOUT, message), False
     wake.at(expires)
     if run.not_before is not None and run.not_before > now:
         wake.at(run.not_before)
-    return None
-
-
-def _assignable(run: RunRecord, now: datetime) -> bool:
-    return run.not_before is None or run.not_before <= now
+        return None, False
+    return None, True
 
 
 def _queued_since(run: RunRecord) -> datetime:

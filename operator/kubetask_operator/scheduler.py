@@ -48,6 +48,7 @@ class Scheduler:
         self._in_flight: set[Key] = set()
         # Assignments in flight count as running, so a worker's slots are never handed out twice.
         self._pending: dict[Key, RunRecord] = {}
+        self._in_flight_tasks: set[tuple[str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def poke(self) -> None:
@@ -59,6 +60,8 @@ class Scheduler:
             decision = self._decide()
             for transition in decision.transitions:
                 self._start_write(transition)
+            for key, count in decision.task_workers.items():
+                self._start_task_status_write(key, count)
             timeout = self.settings.max_tick_seconds
             if decision.wake_at is not None:
                 until = (decision.wake_at - utc_now()).total_seconds()
@@ -92,6 +95,29 @@ class Scheduler:
         task = asyncio.create_task(self._write(transition))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start_task_status_write(self, key: Key, workers: int) -> None:
+        if ("task", *key) in self._in_flight_tasks:
+            return
+        self._in_flight_tasks.add(("task", *key))
+        task = asyncio.create_task(self._write_task_status(key, workers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_task_status(self, key: Key, workers: int) -> None:
+        namespace, name = key
+        try:
+            async with self._writes:
+                updated = await asyncio.to_thread(
+                    self.custom.patch_namespaced_custom_object_status,
+                    GROUP, VERSION, namespace, "tasks", name, {"status": {"workers": workers}},
+                )  # fmt: skip
+            self.view.upsert_task(updated)
+            logger.info("Task %s/%s is served by %d live workers.", namespace, name, workers)
+        except ApiException as exc:
+            logger.debug("Updating the workers of Task %s/%s failed: %s", namespace, name, exc)
+        finally:
+            self._in_flight_tasks.discard(("task", *key))
 
     async def _write(self, transition: Transition) -> None:
         key = (transition.namespace, transition.name)

@@ -1,4 +1,4 @@
-"""The operator's settings: each one read from the environment, with its unit and why its default."""
+"""The operator's settings, read from the environment: each with its unit and why its default."""
 
 from __future__ import annotations
 

@@ -179,15 +179,10 @@ def task_record(obj: Obj) -> TaskRecord:
         # The API server validated it; a mismatch means the models and the CRD disagree.
         logger.warning("Task %s/%s has a spec this operator cannot read: %s", namespace, name, exc)
         return TaskRecord(namespace, name)
-    backoff = spec.backoff
     return TaskRecord(
         namespace=namespace,
         name=name,
-        policy=RetryPolicy(
-            retries=spec.retries,
-            backoff_factor=backoff.factor if backoff else None,
-            backoff_max_seconds=backoff.max_seconds if backoff else None,
-        ),
+        policy=RetryPolicy(retries=spec.retries, backoff=spec.backoff),
         schedule_timeout=parse_duration(spec.schedule_timeout),
         execution_timeout=parse_duration(spec.execution_timeout),
         default_priority=spec.default_priority,
@@ -201,6 +196,7 @@ def task_record(obj: Obj) -> TaskRecord:
             )
             for label in spec.worker_affinity
         ),
+        workers=(obj.get("status") or {}).get("workers"),
     )
 
 

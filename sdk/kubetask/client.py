@@ -70,10 +70,13 @@ class KubeTask:
         default_priority: int = 1,
         desired_worker_labels: Mapping[str, DesiredWorkerLabel] | None = None,
     ) -> Callable[[TaskFunction[InputT, OutputT]], TaskDefinition[InputT, OutputT]]:
-        """Declare a task; the decorated function takes (input model, Context)."""
+        """Declare a task; the decorated function takes (input model, Context).
+
+        Settings are validated here, so a bad one fails at import rather than in the cluster.
+        """
 
         def declare(function: TaskFunction[InputT, OutputT]) -> TaskDefinition[InputT, OutputT]:
-            config = TaskConfig(
+            config = TaskConfig.build(
                 name=name or function.__name__.replace("_", "-"),
                 retries=retries,
                 backoff_factor=backoff_factor,
@@ -83,10 +86,6 @@ class KubeTask:
                 default_priority=default_priority,
                 desired_worker_labels=dict(desired_worker_labels or {}),
             )
-            # Validate the whole spec now, so a bad setting fails at import, not in the cluster.
-            from kubetask.api import TaskSpec
-
-            TaskSpec.model_validate(config.spec())
             return TaskDefinition(self, function, config)
 
         return declare

@@ -7,59 +7,25 @@ waits min(backoff max seconds, factor ** n) seconds, or not at all without a bac
 from __future__ import annotations
 
 import dataclasses
-import enum
 from datetime import UTC, datetime, timedelta
 
-#: Backoff is capped at one day when a task sets a factor but no maximum (Hatchet's default).
-DEFAULT_BACKOFF_MAX_SECONDS = 86_400
+from kubetask.api import Backoff, TaskRunPhase, TaskRunReason
 
-
-class Phase(enum.StrEnum):
-    SCHEDULED = "Scheduled"
-    QUEUED = "Queued"
-    RUNNING = "Running"
-    COMPLETED = "Completed"
-    FAILED = "Failed"
-    CANCELLED = "Cancelled"
-
-
-FINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
-
-
-class Reason(enum.StrEnum):
-    """Machine-readable why of a run's last transition (`status.reason`)."""
-
-    ASSIGNED = "Assigned"
-    SUCCEEDED = "Succeeded"
-    RETRYING = "Retrying"
-    RETRIES_EXHAUSTED = "RetriesExhausted"
-    NON_RETRYABLE = "NonRetryable"
-    INVALID_INPUT = "InvalidInput"
-    OUTPUT_TOO_LARGE = "OutputTooLarge"
-    SCHEDULE_TIMEOUT = "ScheduleTimeout"
-    EXECUTION_TIMEOUT = "ExecutionTimeout"
-    CANCELLED = "Cancelled"
-    WORKER_LOST = "WorkerLost"
-    SCHEDULED = "Scheduled"
+Phase = TaskRunPhase
+Reason = TaskRunReason
+FINAL_PHASES = frozenset(phase for phase in TaskRunPhase if phase.finished)
 
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
+    """A task's `retries` and `backoff`, as both the worker and the operator apply them."""
+
     retries: int = 0
-    backoff_factor: float | None = None
-    backoff_max_seconds: int | None = None
+    backoff: Backoff | None = None
 
     def delay(self, retry_number: int) -> timedelta:
         """How long retry `retry_number` (1 for the first retry) waits before it may start."""
-        if self.backoff_factor is None:
-            return timedelta(0)
-        cap = self.backoff_max_seconds or DEFAULT_BACKOFF_MAX_SECONDS
-        # NB: factor ** n overflows a float for large n; the cap is reached long before that.
-        try:
-            seconds = min(float(cap), self.backoff_factor**retry_number)
-        except OverflowError:
-            seconds = float(cap)
-        return timedelta(seconds=seconds)
+        return self.backoff.delay(retry_number) if self.backoff else timedelta(0)
 
 
 @dataclasses.dataclass(frozen=True)

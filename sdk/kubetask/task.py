@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pydantic
 
-from kubetask import _kube
+from kubetask import _kube, api
 from kubetask.context import Context
 from kubetask.errors import RunCancelledError, RunFailedError
 from kubetask.lifecycle import FINAL_PHASES, Phase, RetryPolicy, format_time
@@ -33,7 +33,11 @@ CREATE_CONCURRENCY = 16
 
 @dataclasses.dataclass(frozen=True)
 class DesiredWorkerLabel:
-    """A label a task wants on its worker's pod or node (`workerAffinity` in the Task spec)."""
+    """A label a task wants on its worker's pod or node (`workerAffinity` in the Task spec).
+
+    Workers failing a `required` label never get the task's runs; among the rest, the one with
+    the highest sum of matched `weight`s wins. The ordering comparators compare integers.
+    """
 
     value: str | int
     required: bool = False
@@ -43,49 +47,52 @@ class DesiredWorkerLabel:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
+    """A task's name and spec, validated by the model the API server's schema is made from."""
+
     name: str
-    retries: int = 0
-    backoff_factor: float | None = None
-    backoff_max_seconds: int | None = None
-    execution_timeout: str = "60s"
-    schedule_timeout: str = "5m"
-    default_priority: int = 1
-    desired_worker_labels: Mapping[str, DesiredWorkerLabel] = dataclasses.field(
-        default_factory=dict
-    )
+    spec: api.TaskSpec
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        retries: int,
+        backoff_factor: float | None,
+        backoff_max_seconds: int | None,
+        execution_timeout: str,
+        schedule_timeout: str,
+        default_priority: int,
+        desired_worker_labels: Mapping[str, DesiredWorkerLabel],
+    ) -> TaskConfig:
+        """Raises pydantic.ValidationError, naming the setting, for anything the API refuses."""
+        backoff = (
+            api.Backoff(factor=backoff_factor, max_seconds=backoff_max_seconds)
+            if backoff_factor is not None
+            else None
+        )
+        spec = api.TaskSpec(
+            retries=retries,
+            backoff=backoff,
+            execution_timeout=execution_timeout,
+            schedule_timeout=schedule_timeout,
+            default_priority=default_priority,
+            worker_affinity=[
+                api.DesiredWorkerLabel(
+                    key=key,
+                    value=str(label.value),
+                    comparator=api.WorkerLabelComparator(label.comparator),
+                    required=label.required,
+                    weight=label.weight,
+                )
+                for key, label in desired_worker_labels.items()
+            ],
+        )
+        return cls(name=name, spec=spec)
 
     @property
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(
-            retries=self.retries,
-            backoff_factor=self.backoff_factor,
-            backoff_max_seconds=self.backoff_max_seconds,
-        )
-
-    def spec(self) -> dict[str, Any]:
-        """The Task's spec as the API names it."""
-        spec: dict[str, Any] = {
-            "retries": self.retries,
-            "executionTimeout": self.execution_timeout,
-            "scheduleTimeout": self.schedule_timeout,
-            "defaultPriority": self.default_priority,
-        }
-        if self.backoff_factor is not None:
-            spec["backoff"] = {"factor": self.backoff_factor}
-            if self.backoff_max_seconds is not None:
-                spec["backoff"]["maxSeconds"] = self.backoff_max_seconds
-        if self.desired_worker_labels:
-            spec["workerAffinity"] = [
-                {
-                    "key": key,
-                    "value": str(label.value),
-                    "comparator": label.comparator,
-                    "required": label.required,
-                    "weight": label.weight,
-                }
-                for key, label in self.desired_worker_labels.items()
-            ]
-        return spec
+        return RetryPolicy(retries=self.spec.retries, backoff=self.spec.backoff)
 
 
 class RunHandle(Generic[OutputT]):
@@ -99,7 +106,10 @@ class RunHandle(Generic[OutputT]):
         return f"RunHandle({self.task.config.name!r}, {self.name!r})"
 
     def result(self, timeout: float | None = None) -> OutputT:
-        """Wait (with a watch) until the run ends; its output, or RunFailedError/RunCancelledError."""
+        """Wait (with a watch) until the run ends and return its output.
+
+        Raises RunFailedError or RunCancelledError when the run ends otherwise.
+        """
         run = self.task.client.wait_for_run(self.name, timeout=timeout)
         return self.task.parse_result(run)
 
@@ -128,15 +138,13 @@ class TaskDefinition(Generic[InputT, OutputT]):
     # --- manifests --------------------------------------------------------------------------
 
     def manifest(self, namespace: str | None = None) -> dict[str, Any]:
-        return {
-            "apiVersion": _kube.API_VERSION,
-            "kind": "Task",
-            "metadata": {
-                "name": self.config.name,
-                "namespace": namespace or self.client.namespace,
-            },
-            "spec": self.config.spec(),
-        }
+        task = api.Task(
+            metadata=api.ObjectMeta(
+                name=self.config.name, namespace=namespace or self.client.namespace
+            ),
+            spec=self.config.spec,
+        )
+        return task.to_manifest()
 
     def run_manifest(
         self,

@@ -1,4 +1,4 @@
-"""The worker runtime: a long-running process bound to one Pod that executes the runs assigned to it.
+"""The worker runtime: a process bound to one Pod that executes the runs assigned to it.
 
 Inside a cluster the process learns its Pod from POD_NAME/POD_NAMESPACE (Downward API). Outside
 one, it creates a Pod for itself bound to a node (KWOK turns it Ready) and deletes it on exit. It

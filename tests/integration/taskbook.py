@@ -114,7 +114,9 @@ def short_wait(input: Echo, ctx: Context) -> Echo:
 
 @kt.task(
     name="gpu",
-    desired_worker_labels={"nvidia.com/gpu.present": DesiredWorkerLabel(value="true", required=True)},
+    desired_worker_labels={
+        "nvidia.com/gpu.present": DesiredWorkerLabel(value="true", required=True)
+    },
 )
 def gpu(input: Echo, ctx: Context) -> Where:
     record(ctx, "start")
@@ -144,3 +146,37 @@ def worker_from_environment() -> Worker:
         slots=int(os.environ.get("KT_SLOTS", "4")),
         labels=json.loads(os.environ.get("KT_LABELS", "{}")),
     )
+
+
+class Blob(BaseModel):
+    size: int
+
+
+@kt.task(name="blob")
+def blob(input: Blob, ctx: Context) -> dict[str, str]:
+    return {"data": "x" * input.size}
+
+
+@kt.task(name="release")
+async def release(input: Sleep, ctx: Context) -> Sleep:
+    record(ctx, "start")
+    await asyncio.to_thread(ctx.release_slot)
+    await asyncio.sleep(input.seconds)
+    record(ctx, "end")
+    return input
+
+
+@kt.task(name="cooperative")
+def cooperative(input: Sleep, ctx: Context) -> Sleep:
+    """A sync task: it cannot be interrupted, so it checks `ctx.cancelled` between steps."""
+    record(ctx, "start")
+    deadline = time.monotonic() + input.seconds
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            record(ctx, "cancelled")
+            raise RuntimeError("stopped because the run was cancelled")
+        time.sleep(0.05)
+    return input
+
+
+TASKS.update({task.config.name: task for task in (blob, release, cooperative)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -72,7 +73,9 @@ class RunningObserver:
         self._stop.set()
 
 
-def test_a_worker_never_runs_more_than_its_slots(harness: Harness, kube_api: client.ApiClient) -> None:
+def test_a_worker_never_runs_more_than_its_slots(
+    harness: Harness, kube_api: client.ApiClient
+) -> None:
     observer = RunningObserver(kube_api, harness.namespace)
     harness.start_operator()
     _, pod = harness.start_worker(tasks="sleep", slots=3)
@@ -138,7 +141,7 @@ def test_retries_wait_for_their_backoff(harness: Harness) -> None:
     assert run["status"]["phase"] == "Completed"
     assert run["status"]["attempt"] == 3
     starts = [r["t"] for r in harness.records() if r["event"] == "start"]
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     # backoff factor 2: retry 1 waits 2 s, retry 2 waits 4 s capped by maxSeconds 3.
     assert 2.0 <= gaps[0] < 3.5, gaps
     assert 3.0 <= gaps[1] < 4.5, gaps
@@ -270,9 +273,7 @@ def test_the_operator_killed_mid_load_loses_no_run_and_runs_none_twice(harness: 
     assert len(starts) == len(set(starts)) == 200
 
 
-def test_writes_per_successful_run_are_at_most_three(
-    harness: Harness, kubectl: Kubectl
-) -> None:
+def test_writes_per_successful_run_are_at_most_three(harness: Harness, kubectl: Kubectl) -> None:
     harness.start_operator()
     harness.start_worker(tasks="echo", slots=10)
     warmup = harness.create_run("echo")

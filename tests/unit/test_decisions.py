@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from kubetask.lifecycle import Phase, RetryPolicy, Retry, GiveUp, Reason, after_failure
-
+from kubetask.api import Backoff
+from kubetask.lifecycle import GiveUp, Phase, Reason, Retry, RetryPolicy, after_failure
 from kubetask_operator.decisions import (
     Limits,
     RunRecord,
@@ -82,7 +82,7 @@ def test_a_released_slot_is_free_again() -> None:
 
 
 def test_execution_timeout_requeues_with_backoff_and_spends_a_retry() -> None:
-    policy = RetryPolicy(retries=2, backoff_factor=2)
+    policy = RetryPolicy(retries=2, backoff=Backoff(factor=2))
     run = a_run(phase=Phase.RUNNING, worker="w", attempt=2, deadline=NOW)
     d = decide(runs=[run], tasks=a_task(policy=policy), workers=[a_worker()], now=NOW,
                limits=LIMITS)  # fmt: skip
@@ -141,6 +141,8 @@ def test_a_future_run_at_is_scheduled_then_assigned_when_due() -> None:
     assert d.wake_at == later
 
     scheduled = a_run(run_at=later, phase=Phase.SCHEDULED)
+    d = decide(runs=[scheduled], tasks=a_task(), workers=[a_worker()], now=NOW, limits=LIMITS)
+    assert d.transitions == []
     d = decide(
         runs=[scheduled], tasks=a_task(), workers=[a_worker(now=later)], now=later, limits=LIMITS
     )
@@ -167,11 +169,12 @@ def test_a_run_without_a_worker_gets_a_waiting_condition_once_after_a_delay() ->
     condition = only(d.transitions)["conditions"][0]
     assert (condition["type"], condition["reason"]) == ("Waiting", "NoWorker")
     marked = a_run(created=NOW - timedelta(seconds=6), waiting_reason="NoWorker")
-    assert decide(runs=[marked], tasks=a_task(), workers=[], now=NOW, limits=LIMITS).transitions == []
+    d = decide(runs=[marked], tasks=a_task(), workers=[], now=NOW, limits=LIMITS)
+    assert d.transitions == []
 
 
 def test_retry_rules() -> None:
-    policy = RetryPolicy(retries=3, backoff_factor=3, backoff_max_seconds=10)
+    policy = RetryPolicy(retries=3, backoff=Backoff(factor=3, max_seconds=10))
     assert after_failure(policy, attempt=1, retryable=True, now=NOW) == Retry(
         NOW + timedelta(seconds=3)
     )
@@ -185,4 +188,4 @@ def test_retry_rules() -> None:
         Reason.NON_RETRYABLE
     )
     assert RetryPolicy(retries=1).delay(1) == timedelta(0)
-    assert RetryPolicy(retries=1, backoff_factor=10).delay(400) == timedelta(days=1)
+    assert RetryPolicy(retries=1, backoff=Backoff(factor=10)).delay(400) == timedelta(days=1)

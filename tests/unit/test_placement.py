@@ -24,7 +24,9 @@ def run(name: str, task: str = "t", priority: int = 1, at: int = 0) -> QueuedRun
     return QueuedRun(name=name, task=task, priority=priority, queued_at=T0 + timedelta(seconds=at))
 
 
-def worker(name: str, slots: int = 1, busy: int = 0, tasks: tuple[str, ...] = ("t",), **labels: str) -> Worker:
+def worker(
+    name: str, slots: int = 1, busy: int = 0, tasks: tuple[str, ...] = ("t",), **labels: str
+) -> Worker:
     return Worker(name=name, tasks=frozenset(tasks), slots=slots, busy=busy, labels=labels)
 
 
@@ -141,7 +143,7 @@ def test_placement_never_overfills_slots_and_always_honours_required_labels(
     for name, count in counts.items():
         assert by_worker[name].busy + count <= by_worker[name].slots
     # Within a task, the assigned runs are exactly the first ones in queue order.
-    for task in {"a", "b", "c"}:
+    for task in ("a", "b", "c"):
         ordered = sorted((r for r in queue if r.task == task), key=QueuedRun.order_key)
         assigned = {a.run for a in result.assignments if by_run[a.run].task == task}
         assert {r.name for r in ordered[: len(assigned)]} == assigned

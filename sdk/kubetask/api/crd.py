@@ -9,10 +9,10 @@ subresource.
 """
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic.json_schema import GenerateJsonSchema
@@ -150,7 +150,7 @@ class _SchemaGenerator(GenerateJsonSchema):
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
         factory = schema.get("default_factory")
         if factory is not None and not schema.get("default_factory_takes_data"):
-            return factory()
+            return cast(Callable[[], Any], factory)()
         return super().get_default_value(schema)
 
 

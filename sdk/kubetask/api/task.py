@@ -22,12 +22,11 @@ from kubetask.api.ratelimit import RateLimitDuration
 # Hatchet's cap on a retry's wait when the task sets no maxSeconds: one day.
 DEFAULT_BACKOFF_MAX_SECONDS = 86400
 
-# A CEL expression longer than this is a program, not a key; the bound also keeps status and
-# the API server's CEL cost estimates small.
+# A CEL expression longer than this is a program, not a key.
 EXPRESSION_MAX_LENGTH = 4096
 
-# Bounds on the lists of a task spec. They are far above what a task needs, and the API server
-# needs them to estimate the cost of the CEL rules that check every item.
+# Bounds on the lists of a task spec. They are far above what a task needs; the API server needs
+# them to bound the estimated cost of the CEL rules that check each item.
 MAX_CONCURRENCY_RULES = 16
 MAX_RATE_LIMITS = 16
 MAX_DESIRED_WORKER_LABELS = 32

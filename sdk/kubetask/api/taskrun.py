@@ -251,8 +251,8 @@ class TaskRunStatus(StatusModel):
     deadline: Timestamp | None = Field(
         default=None,
         description=(
-            "When the current wait ends: the schedule timeout while queued, the execution "
-            "timeout (plus refreshes) while running."
+            "When the running attempt times out: its start plus the task's executionTimeout, "
+            "pushed back by each refresh_timeout."
         ),
     )
     not_before: Timestamp | None = Field(
