@@ -43,6 +43,7 @@ test: install lint
 
 crds: $(VENV)/.installed
 	$(BIN)/kubetask crds --out crds
+	$(BIN)/kubetask crds --out charts/kubetask/crds
 
 dev: install
 	bash hack/dev.sh "$(CLUSTER_DIR)"

@@ -159,6 +159,7 @@ class Harness:
         labels: dict[str, str] | None = None,
         node: str | None = None,
         name: str | None = None,
+        target: str = "tests.integration.taskbook:worker_from_environment",
     ) -> tuple[subprocess.Popen[bytes], str]:
         """Start a worker process and return it with its Pod's name once its Lease exists."""
         worker_name = name or random_name("w")
@@ -169,7 +170,7 @@ class Harness:
             "KT_SLOTS": str(slots),
             "KT_LABELS": json.dumps(labels or {}),
         }
-        args = ["worker", "tests.integration.taskbook:worker_from_environment"]
+        args = ["worker", target]
         if node:
             args += ["--node", node]
         process = self._spawn(worker_name, args, env)

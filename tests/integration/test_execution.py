@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
-from .conftest import Harness, Kubectl, random_name
+from .conftest import REPO, Harness, Kubectl, random_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -305,15 +305,14 @@ def taskrun_writes(kubectl: Kubectl) -> float:
     return total
 
 
-def test_kubectl_apply_of_an_example_run_completes(harness: Harness, kubectl: Kubectl) -> None:
+def test_kubectl_apply_of_the_hello_example_completes(harness: Harness, kubectl: Kubectl) -> None:
     harness.start_operator()
-    harness.start_worker(tasks="echo")
-    manifest = {
-        "apiVersion": "kubetask.io/v1alpha1",
-        "kind": "TaskRun",
-        "metadata": {"name": "applied"},
-        "spec": {"task": "echo", "input": {"value": "from kubectl"}},
-    }
-    kubectl("apply", "-n", harness.namespace, "-f", "-", input=json.dumps(manifest))
-    run = harness.wait_final("applied")
-    assert run["status"]["output"] == {"value": "from kubectl"}
+    harness.start_worker(
+        tasks="", name="hello-worker", target="examples.python.hello_worker:worker"
+    )
+
+    kubectl("apply", "-n", harness.namespace, "-f", str(REPO / "examples" / "hello.yaml"))
+    run = harness.wait_final("hello-world")
+
+    assert run["status"]["phase"] == "Completed"
+    assert run["status"]["output"] == {"greeting": "Hello, world!"}

@@ -433,3 +433,14 @@ def test_task_run_may_be_cancelled_but_not_uncancelled() -> None:
     assert failing_rules(rules, STORED_RUN, STORED_RUN) == []
     (message,) = failing_rules(rules, STORED_RUN, cancelled)
     assert message.startswith("spec.cancel")
+
+
+def test_the_helm_chart_carries_the_generated_crds() -> None:
+    chart = Path(__file__).resolve().parents[2] / "charts" / "kubetask" / "crds"
+    generated = Path(__file__).resolve().parents[2] / "crds"
+    names = sorted(p.name for p in generated.glob("*.yaml"))
+    assert names == sorted(p.name for p in chart.glob("*.yaml"))
+    for name in names:
+        assert (chart / name).read_text() == (generated / name).read_text(), (
+            f"charts/kubetask/crds/{name} is stale; run `make crds`"
+        )
