@@ -21,6 +21,17 @@ from kubetask.lifecycle import (
     after_failure,
     format_time,
 )
+from kubetask_operator.flow import (
+    Budget,
+    ConcurrencyRule,
+    FlowPlan,
+    FlowRun,
+    KeyMemo,
+    Needs,
+    RateLimitRecord,
+    RateLimitUse,
+    plan_flow,
+)
 from kubetask_operator.placement import (
     WAIT_MESSAGES,
     AffinityTerm,
@@ -31,6 +42,7 @@ from kubetask_operator.placement import (
 )
 
 WAITING_CONDITION = "Waiting"
+_NORMAL_WAITS = frozenset({WaitReason.SLOTS_BUSY, WaitReason.CONCURRENCY_LIMITED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +56,8 @@ class TaskRecord:
     affinity: tuple[AffinityTerm, ...] = ()
     workers: int | None = None
     """`status.workers` as last written: live workers serving the task."""
+    concurrency: tuple[ConcurrencyRule, ...] = ()
+    rate_limits: tuple[RateLimitUse, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,8 @@ class RunRecord:
     deadline: datetime | None = None
     slot_released: bool = False
     reason: str | None = None
+    input: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     waiting_reason: str | None = None
     """The reason of the run's Waiting condition, if it has one."""
 
@@ -110,6 +126,18 @@ class Transition:
     message: str
     warning: bool = False
     """Also post a Kubernetes Event: only failures do, to keep successful runs at 3 writes."""
+    needs: tuple[str, ...] = ()
+    """Rate-limit budgets whose spend must be written first; if one fails, this write is off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spend:
+    """Units taken from a rate limit's window: written to its RateLimit before the assignments
+    that need them, so that a crash in between loses units rather than exceeding the limit."""
+
+    budget: Budget
+    used: int
+    """Units used in the window after this pass."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +155,9 @@ class Decision:
     """Runs waiting for a worker after this decision (for the queue-depth metric)."""
     task_workers: dict[tuple[str, str], int]
     """Tasks whose `status.workers` differs from the live workers serving them now."""
+    spends: list[Spend] = dataclasses.field(default_factory=list)
+    turns: dict[str, datetime] = dataclasses.field(default_factory=dict)
+    """Round-robin keys given a run in this pass, with the time (for the next passes)."""
 
 
 def decide(
@@ -136,8 +167,15 @@ def decide(
     workers: Iterable[WorkerRecord],
     now: datetime,
     limits: Limits,
+    rate_limits: Mapping[tuple[str, str], RateLimitRecord] | None = None,
+    keys: KeyMemo | None = None,
+    last_turn: Mapping[str, datetime] | None = None,
 ) -> Decision:
-    """Every transition due at `now`, and when to look again."""
+    """Every transition due at `now`, and when to look again.
+
+    `keys` remembers rendered concurrency and rate-limit keys between passes; `last_turn` says
+    when each round-robin key was last given a run.
+    """
     live_workers = {
         (w.namespace, w.pod): w for w in workers if w.live(now, limits.worker_lost_after)
     }
@@ -145,6 +183,7 @@ def decide(
     wake = _Wake()
     eligible: list[RunRecord] = []
     busy: dict[tuple[str, str], int] = {}
+    holding: list[RunRecord] = []
 
     for run in runs:
         if run.final:
@@ -154,9 +193,11 @@ def decide(
             change = _running(run, task, live_workers, now=now, limits=limits, wake=wake)
             if change is not None:
                 transitions.append(change)
-            elif run.worker is not None and not run.slot_released:
-                key = (run.namespace, run.worker)
-                busy[key] = busy.get(key, 0) + 1
+            else:
+                holding.append(run)
+                if run.worker is not None and not run.slot_released:
+                    key = (run.namespace, run.worker)
+                    busy[key] = busy.get(key, 0) + 1
             continue
         change, due = _waiting(run, task, now, wake)
         if change is not None:
@@ -166,14 +207,55 @@ def decide(
 
     for worker in live_workers.values():
         wake.at(worker.renewed + limits.worker_lost_after if worker.renewed else None)
-    assignments, still_waiting = _assign(eligible, tasks, live_workers, busy, now)
-    transitions.extend(assignments)
-    transitions.extend(_waiting_conditions(still_waiting, now, limits, wake))
+    flow = plan_flow(
+        waiting=[_flow_run(run) for run in eligible if _limited(run, tasks)],
+        running=[_flow_run(run) for run in holding if _limited(run, tasks)],
+        rules={key: task.concurrency for key, task in tasks.items() if task.concurrency},
+        rate_limits={key: task.rate_limits for key, task in tasks.items() if task.rate_limits},
+        limit_objects=rate_limits or {},
+        keys=keys or KeyMemo(),
+        now=now,
+    )
+    by_key = {run.key: run for run in (*eligible, *holding)}
+    for key, message in flow.failures.items():
+        error = {"message": message, "type": "KeyExpressionError", "retryable": False}
+        transitions.append(_fail(by_key[key], now, Reason.INVALID_INPUT, message, error=error))
+    for key, message in flow.cancellations.items():
+        transitions.append(_cancel(by_key[key], now, Reason.CONCURRENCY_CANCELLED, message))
+    placeable = [run for run in eligible if run.key in flow.needs or not _limited(run, tasks)]
+
+    placement = _assign(
+        placeable, tasks, live_workers, busy, now,
+        flow=flow, last_turn=last_turn or {},
+    )  # fmt: skip
+    transitions.extend(placement.transitions)
+    transitions.extend(_waiting_conditions(placement.waiting, now, limits, wake))
+    for run, reason in placement.waiting:
+        if reason is WaitReason.RATE_LIMITED:
+            for use in flow.needs[run.key].units:
+                wake.at(flow.budgets[use.budget].window.end)
     return Decision(
         transitions=transitions,
         wake_at=wake.earliest,
-        queued=len(still_waiting),
+        queued=len(placement.waiting),
         task_workers=_task_worker_changes(tasks, live_workers.values()),
+        spends=placement.spends,
+        turns=placement.turns,
+    )
+
+
+def _limited(run: RunRecord, tasks: Mapping[tuple[str, str], TaskRecord]) -> bool:
+    task = tasks.get(run.task_key)
+    return task is not None and bool(task.concurrency or task.rate_limits)
+
+
+def _flow_run(run: RunRecord) -> FlowRun:
+    return FlowRun(
+        key=run.key,
+        task=run.task,
+        input=run.input,
+        metadata=run.metadata,
+        order=(run.created, run.seq),
     )
 
 
@@ -296,13 +378,24 @@ def _queued_since(run: RunRecord) -> datetime:
     return run.created
 
 
+@dataclasses.dataclass
+class _Placement:
+    transitions: list[Transition]
+    waiting: list[tuple[RunRecord, WaitReason]]
+    spends: list[Spend]
+    turns: dict[str, datetime]
+
+
 def _assign(
     eligible: Sequence[RunRecord],
     tasks: Mapping[tuple[str, str], TaskRecord],
     live_workers: Mapping[tuple[str, str], WorkerRecord],
     busy: Mapping[tuple[str, str], int],
     now: datetime,
-) -> tuple[list[Transition], list[tuple[RunRecord, WaitReason]]]:
+    *,
+    flow: FlowPlan,
+    last_turn: Mapping[str, datetime],
+) -> _Placement:
     # Placement works on flat names; a namespace prefix keeps namespaces apart.
     def scoped(namespace: str, name: str) -> str:
         return f"{namespace}/{name}"
@@ -321,6 +414,7 @@ def _assign(
     queue = []
     for run in eligible:
         task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
+        needs = flow.needs.get(run.key) or Needs()
         queue.append(
             QueuedRun(
                 name=scoped(run.namespace, run.name),
@@ -328,19 +422,28 @@ def _assign(
                 priority=run.priority or task.default_priority,
                 queued_at=_queued_since(run),
                 seq=run.seq,
+                caps=needs.caps,
+                units=needs.units,
+                turn_key=needs.turn_key,
             )
         )
     affinity = {scoped(*key): task.affinity for key, task in tasks.items()}
-    result = place(queue, workers, affinity)
+    budgets = {budget_id: budget.remaining for budget_id, budget in flow.budgets.items()}
+    result = place(
+        queue, workers, affinity,
+        running=flow.running, budgets=budgets, last_turn=last_turn, now=now,
+    )  # fmt: skip
 
     transitions = []
-    assigned = set()
+    turns: dict[str, datetime] = {}
     for assignment in result.assignments:
         run = by_name[assignment.run]
-        assigned.add(assignment.run)
         pod = assignment.worker.split("/", 1)[1]
         worker = live_workers[(run.namespace, pod)]
         task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
+        needs = flow.needs.get(run.key) or Needs()
+        if needs.turn_key is not None:
+            turns[needs.turn_key] = now
         # A re-queue after losing the worker repeats the same attempt: it spent no retry.
         repeat = run.reason == Reason.WORKER_LOST.value and run.attempt > 0
         attempt = run.attempt if repeat else run.attempt + 1
@@ -365,14 +468,17 @@ def _assign(
                 },
                 reason=Reason.ASSIGNED.value,
                 message=f"Assigned attempt {attempt} to worker {pod}.",
+                needs=tuple(use.budget for use in needs.units),
             )
         )
-    waiting = [
-        (run, result.waiting[scoped(run.namespace, run.task)])
-        for name, run in by_name.items()
-        if name not in assigned and scoped(run.namespace, run.task) in result.waiting
+    spends = [
+        Spend(budget=flow.budgets[budget_id], used=flow.budgets[budget_id].used + units)
+        for budget_id, units in result.spent.items()
     ]
-    return transitions, waiting
+    waiting = [
+        (run, result.waiting[name]) for name, run in by_name.items() if name in result.waiting
+    ]
+    return _Placement(transitions=transitions, waiting=waiting, spends=spends, turns=turns)
 
 
 def _waiting_conditions(
@@ -381,10 +487,14 @@ def _waiting_conditions(
     limits: Limits,
     wake: _Wake,
 ) -> list[Transition]:
-    """A Waiting condition for runs that wait for a worker that is missing, not merely busy."""
+    """A Waiting condition for runs that wait for a missing worker or a rate limit's window.
+
+    Busy slots and concurrency keys at their limit are the normal flow of a queue; writing a
+    condition for them would cost a write per waiting run.
+    """
     transitions = []
     for run, reason in waiting:
-        if reason is WaitReason.SLOTS_BUSY or run.waiting_reason == reason.value:
+        if reason in _NORMAL_WAITS or run.waiting_reason == reason.value:
             continue
         due = _queued_since(run) + limits.wait_condition_after
         if due > now:

@@ -71,6 +71,11 @@ def build_registry(
         _apply(event, view.upsert_task, view.delete_task)
         scheduler.poke()
 
+    @kopf.on.event(GROUP, VERSION, "ratelimits", registry=registry)
+    def rate_limit_event(event: kopf.RawEvent, **_: Any) -> None:
+        _apply(event, view.upsert_rate_limit, view.delete_rate_limit)
+        scheduler.poke()
+
     @kopf.on.event("v1", "pods", labels={WORKER_LABEL: kopf.PRESENT}, registry=registry)
     def pod_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_pod, view.delete_pod)
@@ -124,17 +129,21 @@ def _initial_listing(
         if namespace is None:
             runs = custom.list_cluster_custom_object(GROUP, VERSION, "taskruns")
             tasks = custom.list_cluster_custom_object(GROUP, VERSION, "tasks")
+            limits = custom.list_cluster_custom_object(GROUP, VERSION, "ratelimits")
             pods = core.list_pod_for_all_namespaces(label_selector=WORKER_LABEL)
             leases = coordination.list_lease_for_all_namespaces(label_selector=WORKER_LABEL)
         else:
             runs = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "taskruns")
             tasks = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "tasks")
+            limits = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "ratelimits")
             pods = core.list_namespaced_pod(namespace, label_selector=WORKER_LABEL)
             leases = coordination.list_namespaced_lease(namespace, label_selector=WORKER_LABEL)
         for run in runs["items"]:
             view.upsert_run(run)
         for task in tasks["items"]:
             view.upsert_task(task)
+        for limit in limits["items"]:
+            view.upsert_rate_limit(limit)
         for pod in pods.items:
             view.upsert_pod(sanitize(pod))
         for lease in leases.items:

@@ -1,10 +1,14 @@
 """Which queued run goes to which worker: pure decisions over plain data, no API access.
 
-The queue is ordered by priority (3 first), then by the time a run entered the queue, then by name
-so that ties are deterministic. All runs of one task share the same requirements (affinity lives
-on the Task), so when the head of a task's queue cannot be placed, nothing behind it can either:
-the task is set aside for this pass with the reason, and the cost of a pass grows with the number
-of assignments and tasks, not with the number of waiting runs.
+Runs are placed from groups. A group holds the queued runs of one task that share every constraint:
+the same concurrency keys and the same rate-limit keys. When the head of a group cannot be placed,
+nothing behind it can be either, so the group is set aside for the pass; when no worker can take
+the head of a task, the whole task is. The cost of a pass therefore grows with the number of
+assignments and groups, not with the number of waiting runs.
+
+Order: priority (3 first), then a time that is the run's arrival, or — for a group that takes
+turns with others (GroupRoundRobin) — the moment its key was last served if that is later. A key
+that was just served thus goes behind the keys that waited, and freed capacity goes round-robin.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ class Comparator(enum.StrEnum):
 
 
 class WaitReason(enum.StrEnum):
-    """Why the runs of a task stay queued; the value is the condition reason users see."""
+    """Why a run stays queued; the value is the condition reason users see."""
 
     NO_WORKER = "NoWorker"
     NO_MATCHING_WORKER = "NoMatchingWorker"
     SLOTS_BUSY = "SlotsBusy"
+    CONCURRENCY_LIMITED = "ConcurrencyLimited"
+    RATE_LIMITED = "RateLimited"
 
 
 WAIT_MESSAGES = {
     WaitReason.NO_WORKER: "No live worker serves this task.",
     WaitReason.NO_MATCHING_WORKER: "No live worker serving this task matches its required labels.",
     WaitReason.SLOTS_BUSY: "Every matching worker has all its slots busy.",
+    WaitReason.CONCURRENCY_LIMITED: "A concurrency key of this run has its maximum running.",
+    WaitReason.RATE_LIMITED: "A rate limit of this run has no units left in its window.",
 }
 
 
@@ -88,6 +96,22 @@ class Worker:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cap:
+    """A concurrency counter a run occupies while running: at most `limit` at once."""
+
+    counter: str
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """Units a run takes from a rate-limit budget when it is assigned."""
+
+    budget: str
+    units: int
+
+
+@dataclasses.dataclass(frozen=True)
 class QueuedRun:
     name: str
     task: str
@@ -95,9 +119,17 @@ class QueuedRun:
     queued_at: datetime
     seq: int = 0
     """Tie-breaker for runs queued within the same second (creation times have no fraction)."""
+    caps: tuple[Cap, ...] = ()
+    units: tuple[Units, ...] = ()
+    turn_key: str | None = None
+    """The key a GroupRoundRobin rule gives this run: keys take turns for freed capacity."""
 
     def order_key(self) -> tuple[int, datetime, int, str]:
         return (-self.priority, self.queued_at, self.seq, self.name)
+
+    @property
+    def group(self) -> tuple[str, tuple[Cap, ...], tuple[Units, ...]]:
+        return (self.task, self.caps, self.units)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +142,9 @@ class Assignment:
 class PlacementResult:
     assignments: list[Assignment]
     waiting: dict[str, WaitReason]
-    """Task name → why its remaining runs wait (only tasks with runs left in the queue)."""
+    """Run name → why it stays queued, for every run not assigned."""
+    spent: dict[str, int]
+    """Budget → units the assignments take from it."""
 
 
 def score(terms: Sequence[AffinityTerm], labels: Mapping[str, str]) -> int | None:
@@ -125,42 +159,94 @@ def score(terms: Sequence[AffinityTerm], labels: Mapping[str, str]) -> int | Non
     return total
 
 
+_Order = tuple[int, datetime, int, str]
+_Group = tuple[str, tuple[Cap, ...], tuple[Units, ...]]
+
+
 def place(
     queue: Iterable[QueuedRun],
     workers: Iterable[Worker],
     affinity: Mapping[str, Sequence[AffinityTerm]],
+    *,
+    running: Mapping[str, int] | None = None,
+    budgets: Mapping[str, int] | None = None,
+    last_turn: Mapping[str, datetime] | None = None,
+    now: datetime | None = None,
 ) -> PlacementResult:
-    """Assign queued runs to workers with free slots, best-scoring then least-loaded first."""
+    """Assign queued runs to workers with free slots, within concurrency caps and budgets.
+
+    `running` counts the runs holding each concurrency counter, `budgets` the units left in each
+    rate-limit window, `last_turn` when each round-robin key was last given a run; `now` is that
+    moment for the assignments of this pass.
+    """
+    workers = list(workers)
     busy = {worker.name: worker.busy for worker in workers}
+    held = dict(running or {})
+    left = dict(budgets or {})
+    turns = dict(last_turn or {})
     workers_by_task: dict[str, list[Worker]] = {}
     for worker in workers:
         for task in worker.tasks:
             workers_by_task.setdefault(task, []).append(worker)
 
-    per_task: dict[str, list[tuple[tuple[int, datetime, int, str], QueuedRun]]] = {}
+    groups: dict[_Group, list[tuple[_Order, QueuedRun]]] = {}
     for run in queue:
-        per_task.setdefault(run.task, []).append((run.order_key(), run))
-    heads: list[tuple[tuple[int, datetime, int, str], str]] = []
-    for task, runs in per_task.items():
+        groups.setdefault(run.group, []).append((run.order_key(), run))
+    heads: list[tuple[tuple[int, datetime, int, str], _Group]] = []
+    for group, runs in groups.items():
         heapq.heapify(runs)
-        heads.append((runs[0][0], task))
+        heads.append((_head_order(runs[0][1], turns), group))
     heapq.heapify(heads)
 
     assignments: list[Assignment] = []
     waiting: dict[str, WaitReason] = {}
+    spent: dict[str, int] = {}
+    blocked_tasks: dict[str, WaitReason] = {}
     while heads:
-        _, task = heapq.heappop(heads)
-        runs = per_task[task]
-        choice, reason = _best_worker(workers_by_task.get(task, []), affinity.get(task, ()), busy)
+        _, group = heapq.heappop(heads)
+        runs = groups[group]
+        head = runs[0][1]
+        reason = blocked_tasks.get(head.task) or _limited(head, held, left)
+        choice = None
+        if reason is None:
+            choice, reason = _best_worker(
+                workers_by_task.get(head.task, []), affinity.get(head.task, ()), busy
+            )
+            if choice is None:
+                blocked_tasks[head.task] = reason
         if choice is None:
-            waiting[task] = reason
+            for _, run in runs:
+                waiting[run.name] = reason
             continue
-        _, run = heapq.heappop(runs)
+
+        heapq.heappop(runs)
         busy[choice.name] += 1
-        assignments.append(Assignment(run=run.name, worker=choice.name))
+        for cap in head.caps:
+            held[cap.counter] = held.get(cap.counter, 0) + 1
+        for use in head.units:
+            left[use.budget] = left.get(use.budget, 0) - use.units
+            spent[use.budget] = spent.get(use.budget, 0) + use.units
+        if head.turn_key is not None and now is not None:
+            turns[head.turn_key] = now
+        assignments.append(Assignment(run=head.name, worker=choice.name))
         if runs:
-            heapq.heappush(heads, (runs[0][0], task))
-    return PlacementResult(assignments=assignments, waiting=waiting)
+            heapq.heappush(heads, (_head_order(runs[0][1], turns), group))
+    return PlacementResult(assignments=assignments, waiting=waiting, spent=spent)
+
+
+def _head_order(run: QueuedRun, turns: Mapping[str, datetime]) -> _Order:
+    moment = run.queued_at
+    if run.turn_key is not None and run.turn_key in turns:
+        moment = max(moment, turns[run.turn_key])
+    return (-run.priority, moment, run.seq, run.name)
+
+
+def _limited(run: QueuedRun, held: Mapping[str, int], left: Mapping[str, int]) -> WaitReason | None:
+    if any(held.get(cap.counter, 0) >= cap.limit for cap in run.caps):
+        return WaitReason.CONCURRENCY_LIMITED
+    if any(left.get(use.budget, 0) < use.units for use in run.units):
+        return WaitReason.RATE_LIMITED
+    return None
 
 
 def _best_worker(

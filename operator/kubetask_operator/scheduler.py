@@ -11,17 +11,30 @@ import contextlib
 import dataclasses
 import logging
 import time
-from datetime import timedelta
-from typing import Any, cast
+from collections.abc import Coroutine, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetask.lifecycle import Phase, format_time, parse_time, utc_now
 from kubetask_operator import metrics
-from kubetask_operator.decisions import Decision, Limits, RunRecord, Transition, decide
+from kubetask_operator.decisions import (
+    Decision,
+    Limits,
+    RunRecord,
+    Spend,
+    Transition,
+    decide,
+)
+from kubetask_operator.flow import KeyMemo
 from kubetask_operator.settings import OperatorSettings
-from kubetask_operator.view import ClusterView, Key
+from kubetask_operator.view import DYNAMIC_KEY_ANNOTATION, ClusterView, Key
+
+#: Label of the RateLimit objects the operator creates for dynamic keys.
+DYNAMIC_LABEL = "kubetask.io/dynamic"
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +61,12 @@ class Scheduler:
         self._in_flight: set[Key] = set()
         # Assignments in flight count as running, so a worker's slots are never handed out twice.
         self._pending: dict[Key, RunRecord] = {}
+        # Rate limits with a spend in flight: nothing more is taken from them until it answers.
+        self._spending: set[str] = set()
+        self._keys = KeyMemo()
+        self._turns: dict[str, datetime] = {}
         self._in_flight_tasks: set[tuple[str, str, str]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def poke(self) -> None:
         """Something changed: run a pass soon."""
@@ -58,8 +75,15 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             decision = self._decide()
+            self._turns.update(decision.turns)
+            spends = {
+                spend.budget.id: self._spawn(self._write_spend(spend))
+                for spend in decision.spends
+                if spend.budget.id not in self._spending
+            }
             for transition in decision.transitions:
-                self._start_write(transition)
+                if all(budget in spends for budget in transition.needs):
+                    self._start_write(transition, after=[spends[b] for b in transition.needs])
             for key, count in decision.task_workers.items():
                 self._start_task_status_write(key, count)
             timeout = self.settings.max_tick_seconds
@@ -73,12 +97,16 @@ class Scheduler:
     def _decide(self) -> Decision:
         started = time.perf_counter()
         runs = {**self.view.runs, **self._pending}
+        self._keys.forget_except(set(runs))
         decision = decide(
             runs=runs.values(),
             tasks=self.view.tasks,
             workers=self.view.workers(),
             now=utc_now(),
             limits=self.limits,
+            rate_limits=self.view.rate_limits,
+            keys=self._keys,
+            last_turn=self._turns,
         )
         metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         metrics.QUEUED_RUNS.set(decision.queued)
@@ -87,22 +115,26 @@ class Scheduler:
         ]
         return dataclasses.replace(decision, transitions=transitions)
 
-    def _start_write(self, transition: Transition) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_write(
+        self, transition: Transition, *, after: Sequence[asyncio.Task[bool]] = ()
+    ) -> None:
         key = (transition.namespace, transition.name)
         self._in_flight.add(key)
         if transition.status.get("phase") == Phase.RUNNING.value:
             self._pending[key] = _as_running(self.view.runs[key], transition)
-        task = asyncio.create_task(self._write(transition))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._write(transition, after))
 
     def _start_task_status_write(self, key: Key, workers: int) -> None:
         if ("task", *key) in self._in_flight_tasks:
             return
         self._in_flight_tasks.add(("task", *key))
-        task = asyncio.create_task(self._write_task_status(key, workers))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._write_task_status(key, workers))
 
     async def _write_task_status(self, key: Key, workers: int) -> None:
         namespace, name = key
@@ -119,9 +151,15 @@ class Scheduler:
         finally:
             self._in_flight_tasks.discard(("task", *key))
 
-    async def _write(self, transition: Transition) -> None:
+    async def _write(
+        self, transition: Transition, after: Sequence[asyncio.Task[bool]] = ()
+    ) -> None:
         key = (transition.namespace, transition.name)
         try:
+            # An assignment that takes rate-limit units waits for them to be recorded; if they
+            # could not be, the run stays queued and the next pass decides again.
+            if after and not all(await asyncio.gather(*after)):
+                return
             async with self._writes:
                 updated = await asyncio.to_thread(self._patch_status, transition)
             self.view.upsert_run(updated)
@@ -151,6 +189,59 @@ class Scheduler:
             self._in_flight.discard(key)
             self._pending.pop(key, None)
             self.poke()
+
+    async def _write_spend(self, spend: Spend) -> bool:
+        """Record units taken from a rate limit's window; False if the window changed meanwhile."""
+        budget = spend.budget
+        self._spending.add(budget.id)
+        try:
+            async with self._writes:
+                updated = await asyncio.to_thread(self._patch_rate_limit, spend)
+            self.view.upsert_rate_limit(updated)
+            return True
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                logger.error("Recording units of RateLimit %s failed: %s", budget.id, exc)
+            metrics.WRITE_CONFLICTS.inc()
+            return False
+        finally:
+            self._spending.discard(budget.id)
+            self.poke()
+
+    def _patch_rate_limit(self, spend: Spend) -> dict[str, Any]:
+        budget = spend.budget
+        version = budget.record.resource_version if budget.record else None
+        if budget.record is None:
+            # A dynamic key seen for the first time gets a RateLimit of its own, so that its
+            # window survives restarts and `kubectl get rl` shows it.
+            created = self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, budget.namespace, "ratelimits",
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "RateLimit",
+                    "metadata": {
+                        "name": budget.name,
+                        "labels": {DYNAMIC_LABEL: "true"},
+                        "annotations": {DYNAMIC_KEY_ANNOTATION: budget.dynamic_key or ""},
+                    },
+                    "spec": {"limit": budget.limit, "duration": budget.duration},
+                },
+            )  # fmt: skip
+            version = created["metadata"]["resourceVersion"]
+        body = {
+            "metadata": {"resourceVersion": version},
+            "status": {
+                "windowStart": format_time(budget.window.start),
+                "used": spend.used,
+                "remaining": max(0, budget.limit - spend.used),
+            },
+        }
+        return cast(
+            dict[str, Any],
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, budget.namespace, "ratelimits", budget.name, body
+            ),
+        )
 
     def _patch_status(self, transition: Transition) -> dict[str, Any]:
         # The resourceVersion makes the write conditional: if anything changed the run since the

@@ -17,6 +17,7 @@ import pydantic
 from kubetask.api import TaskSpec, parse_duration
 from kubetask.lifecycle import Phase, RetryPolicy, parse_time
 from kubetask_operator.decisions import WAITING_CONDITION, RunRecord, TaskRecord, WorkerRecord
+from kubetask_operator.flow import ConcurrencyRule, RateLimitRecord, RateLimitUse, Strategy
 from kubetask_operator.placement import AffinityTerm, Comparator
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ WORKER_LABEL = "kubetask.io/worker"
 SLOTS_ANNOTATION = "kubetask.io/slots"
 TASKS_ANNOTATION = "kubetask.io/tasks"
 LABELS_ANNOTATION = "kubetask.io/labels"
+#: On a RateLimit the operator made for a dynamic key: the key, as the expression rendered it.
+DYNAMIC_KEY_ANNOTATION = "kubetask.io/dynamic-key"
 #: Slots of a worker whose Pod and Lease do not say (the SDK's default, Hatchet's too).
 DEFAULT_SLOTS = 100
 
@@ -55,6 +58,7 @@ class ClusterView:
         self.pods: dict[Key, Obj] = {}
         self.leases: dict[Key, Obj] = {}
         self.node_labels: dict[str, dict[str, str]] = {}
+        self.rate_limits: dict[Key, RateLimitRecord] = {}
         self._versions: dict[tuple[str, Key], int] = {}
 
     def _newer(self, kind: str, obj: Obj) -> bool:
@@ -99,6 +103,16 @@ class ClusterView:
     def delete_task(self, obj: Obj) -> None:
         self.tasks.pop(_key(obj), None)
         self._forget("task", obj)
+
+    # --- RateLimits -------------------------------------------------------------------------
+
+    def upsert_rate_limit(self, obj: Obj) -> None:
+        if self._newer("ratelimit", obj):
+            self.rate_limits[_key(obj)] = rate_limit_record(obj)
+
+    def delete_rate_limit(self, obj: Obj) -> None:
+        self.rate_limits.pop(_key(obj), None)
+        self._forget("ratelimit", obj)
 
     # --- workers: Pods, Leases, Nodes -------------------------------------------------------
 
@@ -167,6 +181,8 @@ def run_record(obj: Obj, seq: int) -> RunRecord:
         deadline=_time(status.get("deadline")),
         slot_released=bool(status.get("slotReleased", False)),
         reason=status.get("reason"),
+        input=spec.get("input") or {},
+        metadata=spec.get("metadata") or {},
         waiting_reason=waiting,
     )
 
@@ -197,6 +213,40 @@ def task_record(obj: Obj) -> TaskRecord:
             for label in spec.worker_affinity
         ),
         workers=(obj.get("status") or {}).get("workers"),
+        concurrency=tuple(
+            ConcurrencyRule(
+                expression=rule.expression,
+                max_runs=rule.max_runs,
+                strategy=Strategy(rule.strategy.value),
+            )
+            for rule in spec.concurrency
+        ),
+        rate_limits=tuple(
+            RateLimitUse(
+                units=use.units,
+                key=use.key,
+                dynamic_key=use.dynamic_key,
+                limit=use.limit,
+                duration=use.duration.value if use.duration else None,
+            )
+            for use in spec.rate_limits
+        ),
+    )
+
+
+def rate_limit_record(obj: Obj) -> RateLimitRecord:
+    namespace, name = _key(obj)
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    return RateLimitRecord(
+        namespace=namespace,
+        name=name,
+        limit=int(spec.get("limit", 0)),
+        duration=str(spec.get("duration", "minute")),
+        resource_version=obj["metadata"]["resourceVersion"],
+        window_start=_time(status.get("windowStart")),
+        used=int(status.get("used") or 0),
+        dynamic_key=(obj["metadata"].get("annotations") or {}).get(DYNAMIC_KEY_ANNOTATION),
     )
 
 

@@ -12,14 +12,16 @@ kt.worker("images", tasks=[resize], slots=4).start()    # serves runs in a worke
 from kubetask.client import KubeTask
 from kubetask.context import Context, WorkerInfo
 from kubetask.errors import NonRetryableError, RunCancelledError, RunError, RunFailedError
-from kubetask.task import DesiredWorkerLabel, RunHandle, TaskDefinition
+from kubetask.task import Concurrency, DesiredWorkerLabel, RateLimit, RunHandle, TaskDefinition
 from kubetask.worker import Worker
 
 __all__ = [
+    "Concurrency",
     "Context",
     "DesiredWorkerLabel",
     "KubeTask",
     "NonRetryableError",
+    "RateLimit",
     "RunCancelledError",
     "RunError",
     "RunFailedError",

@@ -156,6 +156,10 @@ class Kube:
 
     def apply_task(self, namespace: str, body: Obj, *, field_manager: str) -> Obj:
         """Server-side apply, so a worker owns exactly the fields it sets."""
+        return self.apply(TASKS, namespace, body, field_manager=field_manager)
+
+    def apply(self, plural: str, namespace: str, body: Obj, *, field_manager: str) -> Obj:
+        """Server-side apply of one kubetask object."""
         name = body["metadata"]["name"]
         return cast(
             Obj,
@@ -163,7 +167,7 @@ class Kube:
                 GROUP,
                 VERSION,
                 namespace,
-                TASKS,
+                plural,
                 name,
                 body,
                 field_manager=field_manager,

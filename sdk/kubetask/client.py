@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 from kubernetes import client as k8s
 
-from kubetask import _kube
-from kubetask.task import DesiredWorkerLabel, TaskConfig, TaskDefinition, TaskFunction, is_final
+from kubetask import _kube, api
+from kubetask.task import (
+    Concurrency,
+    DesiredWorkerLabel,
+    RateLimit,
+    TaskDecorator,
+    TaskDefinition,
+    is_final,
+)
 
 if TYPE_CHECKING:
     from kubetask.worker import Worker
@@ -38,6 +45,7 @@ class KubeTask:
         self._api_client = api_client
         self._namespace = namespace
         self._kube: _kube.Kube | None = None
+        self.rate_limits = RateLimits(self)
 
     # Configuration is read on first use, so that a module defining tasks imports anywhere.
     @property
@@ -69,26 +77,29 @@ class KubeTask:
         schedule_timeout: str = "5m",
         default_priority: int = 1,
         desired_worker_labels: Mapping[str, DesiredWorkerLabel] | None = None,
-    ) -> Callable[[TaskFunction[InputT, OutputT]], TaskDefinition[InputT, OutputT]]:
+        concurrency: int | Sequence[Concurrency | Mapping[str, Any]] | None = None,
+        rate_limits: Sequence[RateLimit | Mapping[str, Any]] | None = None,
+    ) -> TaskDecorator:
         """Declare a task; the decorated function takes (input model, Context).
 
-        Settings are validated here, so a bad one fails at import rather than in the cluster.
+        Settings are validated when the decorator is applied, so a bad one fails at import
+        rather than in the cluster (pydantic.ValidationError names it).
         """
-
-        def declare(function: TaskFunction[InputT, OutputT]) -> TaskDefinition[InputT, OutputT]:
-            config = TaskConfig.build(
-                name=name or function.__name__.replace("_", "-"),
-                retries=retries,
-                backoff_factor=backoff_factor,
-                backoff_max_seconds=backoff_max_seconds,
-                execution_timeout=execution_timeout,
-                schedule_timeout=schedule_timeout,
-                default_priority=default_priority,
-                desired_worker_labels=dict(desired_worker_labels or {}),
-            )
-            return TaskDefinition(self, function, config)
-
-        return declare
+        return TaskDecorator(
+            self,
+            name,
+            {
+                "retries": retries,
+                "backoff_factor": backoff_factor,
+                "backoff_max_seconds": backoff_max_seconds,
+                "execution_timeout": execution_timeout,
+                "schedule_timeout": schedule_timeout,
+                "default_priority": default_priority,
+                "desired_worker_labels": dict(desired_worker_labels or {}),
+                "concurrency": concurrency,
+                "rate_limits": rate_limits,
+            },
+        )
 
     def worker(
         self,
@@ -124,3 +135,20 @@ class KubeTask:
                     break
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"TaskRun {self.namespace}/{name} did not end in {timeout} s.")
+
+
+class RateLimits:
+    """`kt.rate_limits`: the namespace's static RateLimit objects."""
+
+    def __init__(self, client: KubeTask) -> None:
+        self.client = client
+
+    def put(self, name: str, limit: int, duration: str) -> None:
+        """Create or update the RateLimit `name`: `limit` units per `duration` (e.g. "minute")."""
+        body = api.RateLimit(
+            metadata=api.ObjectMeta(name=name, namespace=self.client.namespace),
+            spec=api.RateLimitSpec(limit=limit, duration=api.RateLimitDuration(duration)),
+        ).to_manifest()
+        self.client.kube.apply(
+            _kube.RATELIMITS, self.client.namespace, body, field_manager="kubetask-sdk"
+        )

@@ -8,9 +8,9 @@ import dataclasses
 import inspect
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import pydantic
 
@@ -46,6 +46,65 @@ class DesiredWorkerLabel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Concurrency:
+    """At most `max_runs` runs per key running at once; the key is a CEL `expression` over
+    `input` and `metadata`, e.g. "input.user". `strategy` says what happens at the limit:
+    GroupRoundRobin (wait; keys take turns), CancelInProgress (cancel the key's oldest run) or
+    CancelNewest (cancel the new run)."""
+
+    expression: str
+    max_runs: int
+    strategy: str = "GroupRoundRobin"
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimit:
+    """Units a run takes from a rate limit when it starts.
+
+    Either `key` names a RateLimit object (`kt.rate_limits.put(...)`), or `dynamic_key` is a CEL
+    expression giving the key per run, with `limit` units per `duration` (second, minute, hour,
+    day, week, month or year) shared by every task that renders the same key.
+    """
+
+    key: str | None = None
+    dynamic_key: str | None = None
+    units: int = 1
+    limit: int | None = None
+    duration: str | None = None
+
+
+#: The key of the integer shorthand `concurrency=N`: one constant key for every run.
+CONSTANT_KEY_EXPRESSION = "'all'"
+
+
+def concurrency_rules(
+    concurrency: int | Sequence[Concurrency | Mapping[str, Any]] | None,
+) -> list[api.ConcurrencyRule]:
+    """The API's rules from what `@kt.task(concurrency=...)` accepts."""
+    if concurrency is None:
+        return []
+    if isinstance(concurrency, int):
+        return [api.ConcurrencyRule(expression=CONSTANT_KEY_EXPRESSION, max_runs=concurrency)]
+    rules = []
+    for item in concurrency:
+        fields = dataclasses.asdict(item) if isinstance(item, Concurrency) else dict(item)
+        rules.append(api.ConcurrencyRule.model_validate(fields))
+    return rules
+
+
+def rate_limit_uses(
+    rate_limits: Sequence[RateLimit | Mapping[str, Any]] | None,
+) -> list[api.TaskRateLimit]:
+    uses = []
+    for item in rate_limits or ():
+        fields = dataclasses.asdict(item) if isinstance(item, RateLimit) else dict(item)
+        uses.append(
+            api.TaskRateLimit.model_validate({k: v for k, v in fields.items() if v is not None})
+        )
+    return uses
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """A task's name and spec, validated by the model the API server's schema is made from."""
 
@@ -64,6 +123,8 @@ class TaskConfig:
         schedule_timeout: str,
         default_priority: int,
         desired_worker_labels: Mapping[str, DesiredWorkerLabel],
+        concurrency: int | Sequence[Concurrency | Mapping[str, Any]] | None = None,
+        rate_limits: Sequence[RateLimit | Mapping[str, Any]] | None = None,
     ) -> TaskConfig:
         """Raises pydantic.ValidationError, naming the setting, for anything the API refuses."""
         backoff = (
@@ -87,12 +148,39 @@ class TaskConfig:
                 )
                 for key, label in desired_worker_labels.items()
             ],
+            concurrency=concurrency_rules(concurrency),
+            rate_limits=rate_limit_uses(rate_limits),
         )
         return cls(name=name, spec=spec)
 
     @property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(retries=self.spec.retries, backoff=self.spec.backoff)
+
+
+class TaskDecorator:
+    """What `kt.task(...)` returns: applied to a function (sync or async), declares the task."""
+
+    def __init__(self, client: KubeTask, name: str | None, settings: dict[str, Any]) -> None:
+        self.client = client
+        self.name = name
+        self.settings = settings
+
+    @overload
+    def __call__(
+        self, function: Callable[[InputT, Context], Coroutine[Any, Any, OutputT]]
+    ) -> TaskDefinition[InputT, OutputT]: ...
+
+    @overload
+    def __call__(
+        self, function: Callable[[InputT, Context], OutputT]
+    ) -> TaskDefinition[InputT, OutputT]: ...
+
+    def __call__(self, function: Callable[[Any, Context], Any]) -> TaskDefinition[Any, Any]:
+        config = TaskConfig.build(
+            name=self.name or function.__name__.replace("_", "-"), **self.settings
+        )
+        return TaskDefinition(self.client, function, config)
 
 
 class RunHandle(Generic[OutputT]):

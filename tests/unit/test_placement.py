@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from kubetask_operator.placement import (
     AffinityTerm,
+    Cap,
     Comparator,
     QueuedRun,
+    Units,
     WaitReason,
     Worker,
     place,
@@ -34,7 +36,7 @@ def test_higher_priority_goes_first_then_arrival_order() -> None:
     queue = [run("old-low", at=0), run("new-high", priority=3, at=5), run("mid", priority=2, at=1)]
     result = place(queue, [worker("w", slots=2)], {})
     assert [a.run for a in result.assignments] == ["new-high", "mid"]
-    assert result.waiting == {"t": WaitReason.SLOTS_BUSY}
+    assert result.waiting == {"old-low": WaitReason.SLOTS_BUSY}
 
 
 def test_same_second_runs_keep_the_order_they_were_seen_in() -> None:
@@ -61,11 +63,11 @@ def test_the_required_label_can_come_from_the_node() -> None:
 
 def test_no_matching_worker_is_told_apart_from_no_worker_and_busy_slots() -> None:
     gpu = AffinityTerm("gpu", "true", required=True)
-    assert place([run("r")], [], {}).waiting == {"t": WaitReason.NO_WORKER}
+    assert place([run("r")], [], {}).waiting == {"r": WaitReason.NO_WORKER}
     assert place([run("r")], [worker("cpu")], {"t": [gpu]}).waiting == {
-        "t": WaitReason.NO_MATCHING_WORKER
+        "r": WaitReason.NO_MATCHING_WORKER
     }
-    assert place([run("r")], [worker("w", busy=1)], {}).waiting == {"t": WaitReason.SLOTS_BUSY}
+    assert place([run("r")], [worker("w", busy=1)], {}).waiting == {"r": WaitReason.SLOTS_BUSY}
 
 
 def test_preferred_weights_pick_the_better_worker_then_the_least_loaded() -> None:
@@ -94,7 +96,7 @@ def test_a_blocked_task_does_not_block_other_tasks() -> None:
     workers = [worker("wa", busy=1, tasks=("a",)), worker("wb", tasks=("b",))]
     result = place(queue, workers, {})
     assert [a.run for a in result.assignments] == ["b1"]
-    assert result.waiting == {"a": WaitReason.SLOTS_BUSY}
+    assert result.waiting == {"a1": WaitReason.SLOTS_BUSY}
 
 
 queues = st.lists(
@@ -147,3 +149,89 @@ def test_placement_never_overfills_slots_and_always_honours_required_labels(
         ordered = sorted((r for r in queue if r.task == task), key=QueuedRun.order_key)
         assigned = {a.run for a in result.assignments if by_run[a.run].task == task}
         assert {r.name for r in ordered[: len(assigned)]} == assigned
+
+
+def keyed(name: str, key: str, at: int = 0, priority: int = 1, limit: int = 2) -> QueuedRun:
+    counter = f"t/0/{key}"
+    return QueuedRun(
+        name=name, task="t", priority=priority, queued_at=T0 + timedelta(seconds=at),
+        caps=(Cap(counter, limit),), turn_key=counter,
+    )  # fmt: skip
+
+
+def test_a_concurrency_key_at_its_limit_waits_without_blocking_other_keys() -> None:
+    queue = [keyed("a1", "a", 0), keyed("a2", "a", 1), keyed("a3", "a", 2), keyed("b1", "b", 3)]
+    result = place(queue, [worker("w", slots=10)], {}, running={"t/0/a": 1}, now=T0)
+    assert sorted(a.run for a in result.assignments) == ["a1", "b1"]
+    assert result.waiting == {
+        "a2": WaitReason.CONCURRENCY_LIMITED,
+        "a3": WaitReason.CONCURRENCY_LIMITED,
+    }
+
+
+def test_freed_capacity_goes_round_robin_across_keys() -> None:
+    # Key a has a long backlog that arrived first; b and c arrived later. With 3 free slots
+    # and a generous cap, each key gets a turn before a gets a second one.
+    queue = [keyed(f"a{i}", "a", i, limit=9) for i in range(5)]
+    queue += [keyed("b0", "b", 10, limit=9), keyed("c0", "c", 11, limit=9)]
+    last = {"t/0/a": T0 + timedelta(seconds=20)}  # a was served just now
+    result = place(queue, [worker("w", slots=3)], {}, last_turn=last, now=T0 + timedelta(30))
+    assert [a.run for a in result.assignments] == ["b0", "c0", "a0"]
+
+
+def test_rate_limit_units_are_spent_and_never_overdrawn() -> None:
+    queue = [
+        QueuedRun(f"r{i}", "t", 1, T0 + timedelta(seconds=i), units=(Units("ns/openai", 2),))
+        for i in range(5)
+    ]
+    result = place(queue, [worker("w", slots=10)], {}, budgets={"ns/openai": 5})
+    assert [a.run for a in result.assignments] == ["r0", "r1"]
+    assert result.spent == {"ns/openai": 4}
+    assert set(result.waiting.values()) == {WaitReason.RATE_LIMITED}
+
+
+limited_queues = st.lists(
+    st.builds(
+        QueuedRun,
+        name=st.uuids().map(str),
+        task=st.sampled_from(["a", "b"]),
+        priority=st.integers(1, 3),
+        queued_at=st.integers(0, 100).map(lambda s: T0 + timedelta(seconds=s)),
+        seq=st.integers(0, 1000),
+        caps=st.sampled_from(["k1", "k2", "k3"]).map(lambda k: (Cap(f"c/{k}", 2),)),
+        units=st.sampled_from([(), (Units("rl", 1),), (Units("rl", 3),)]),
+        turn_key=st.none(),
+    ),
+    max_size=60,
+    unique_by=lambda r: r.name,
+)
+
+
+@settings(max_examples=300)
+@given(
+    queue=limited_queues,
+    workers=worker_sets,
+    running=st.fixed_dictionaries({f"c/{k}": st.integers(0, 2) for k in ("k1", "k2", "k3")}),
+    budget=st.integers(0, 20),
+)
+def test_placement_never_exceeds_concurrency_caps_or_rate_budgets(
+    queue: list[QueuedRun], workers: list[Worker], running: dict[str, int], budget: int
+) -> None:
+    result = place(queue, workers, {}, running=running, budgets={"rl": budget})
+    by_run = {r.name: r for r in queue}
+    held = dict(running)
+    spent = 0
+    for assignment in result.assignments:
+        r = by_run[assignment.run]
+        for cap in r.caps:
+            held[cap.counter] += 1
+            assert held[cap.counter] <= cap.limit
+        spent += sum(u.units for u in r.units)
+    assert spent <= budget
+    assert result.spent.get("rl", 0) == spent
+    # Priority: an unassigned run never outranks an assigned run of the same group.
+    for assignment in result.assignments:
+        r = by_run[assignment.run]
+        for other in queue:
+            if other.group == r.group and other.name in result.waiting:
+                assert other.order_key() > r.order_key()
