@@ -12,14 +12,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 from kubetask_cli import cluster
 
@@ -246,6 +248,76 @@ class Harness:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class RunObserver:
+    """A watch of its own over the namespace's TaskRuns: every run's Running interval, in the
+    order the API server committed the writes, with the run's concurrency key."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.running: dict[str, tuple[str, str]] = {}  # run -> (key, worker)
+        self.max_per_key: dict[str, int] = {}
+        self.max_per_worker: dict[str, int] = {}
+        self.started: list[tuple[str, datetime]] = []  # (run, status.startedAt)
+        self.conditions: dict[str, set[str]] = {}
+        self.phases: dict[str, str] = {}
+        self._seen_start: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        version = self.custom.list_namespaced_custom_object(
+            "kubetask.io", "v1alpha1", self.namespace, "taskruns"
+        )["metadata"]["resourceVersion"]
+        self._ready.set()
+        while not self._stop.is_set():
+            stream = watch.Watch().stream(
+                self.custom.list_namespaced_custom_object,
+                "kubetask.io", "v1alpha1", self.namespace, "taskruns",
+                resource_version=version, timeout_seconds=30,
+            )  # fmt: skip
+            try:
+                for event in stream:
+                    run = event["object"]
+                    version = run["metadata"]["resourceVersion"]
+                    self._observe(run)
+                    if self._stop.is_set():
+                        return
+            except Exception:
+                # The API server closed the stream (or the session's cluster is going away);
+                # a missed event would make a test fail, never pass, so resuming is safe.
+                if self._stop.wait(0.2):
+                    return
+
+    def _observe(self, run: dict[str, Any]) -> None:
+        name = run["metadata"]["name"]
+        status = run.get("status") or {}
+        key = str((run["spec"].get("input") or {}).get("key"))
+        self.phases[name] = status.get("phase", "")
+        for condition in status.get("conditions") or []:
+            self.conditions.setdefault(name, set()).add(condition.get("reason", ""))
+        if status.get("phase") == "Running":
+            worker = status["worker"]
+            self.running[name] = (key, worker)
+            start = (name, status["startedAt"])
+            if start not in self._seen_start:
+                self._seen_start.add(start)
+                self.started.append((name, datetime.fromisoformat(status["startedAt"][:-1])))
+        else:
+            self.running.pop(name, None)
+        for key, worker in set(self.running.values()):
+            count = sum(1 for k, _ in self.running.values() if k == key)
+            self.max_per_key[key] = max(self.max_per_key.get(key, 0), count)
+            count = sum(1 for _, w in self.running.values() if w == worker)
+            self.max_per_worker[worker] = max(self.max_per_worker.get(worker, 0), count)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 @pytest.fixture

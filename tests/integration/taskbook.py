@@ -16,7 +16,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kubetask import Context, DesiredWorkerLabel, KubeTask, NonRetryableError, Worker
+from kubetask import (
+    Concurrency,
+    Context,
+    DesiredWorkerLabel,
+    KubeTask,
+    NonRetryableError,
+    RateLimit,
+    Worker,
+)
 
 kt = KubeTask()
 
@@ -180,3 +188,45 @@ def cooperative(input: Sleep, ctx: Context) -> Sleep:
 
 
 TASKS.update({task.config.name: task for task in (blob, release, cooperative)})
+
+
+class Keyed(BaseModel):
+    key: str
+    seconds: float = 0.05
+
+
+async def keyed_sleep(input: Keyed, ctx: Context) -> Keyed:
+    record(ctx, "start", key=input.key)
+    try:
+        await asyncio.sleep(input.seconds)
+    except asyncio.CancelledError:
+        record(ctx, "cancelled", key=input.key)
+        raise
+    record(ctx, "end", key=input.key)
+    return input
+
+
+per_key = kt.task(name="per-key", concurrency=[Concurrency(expression="input.key", max_runs=2)])(
+    keyed_sleep
+)
+cancel_in_progress = kt.task(
+    name="cancel-in-progress",
+    concurrency=[{"expression": "input.key", "max_runs": 1, "strategy": "CancelInProgress"}],
+)(keyed_sleep)
+cancel_newest = kt.task(
+    name="cancel-newest",
+    concurrency=[Concurrency(expression="input.key", max_runs=1, strategy="CancelNewest")],
+)(keyed_sleep)
+limited_a = kt.task(name="limited-a", rate_limits=[RateLimit(key="shared", units=1)])(keyed_sleep)
+limited_b = kt.task(name="limited-b", rate_limits=[{"key": "shared"}])(keyed_sleep)
+per_user = kt.task(
+    name="per-user",
+    rate_limits=[RateLimit(dynamic_key="input.key", units=1, limit=2, duration="hour")],
+)(keyed_sleep)
+
+TASKS.update(
+    {
+        task.config.name: task
+        for task in (per_key, cancel_in_progress, cancel_newest, limited_a, limited_b, per_user)
+    }
+)

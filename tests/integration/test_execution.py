@@ -6,14 +6,13 @@ import itertools
 import json
 import os
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import client
 
-from .conftest import REPO, Harness, Kubectl, random_name
+from .conftest import REPO, Harness, Kubectl, RunObserver, random_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -38,45 +37,10 @@ def test_a_run_completes_with_its_output_and_logs(harness: Harness) -> None:
     assert status["node"] == "kwok-node-0"
 
 
-class RunningObserver:
-    """An independent watch that records every run's Running intervals per worker."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.namespace = namespace
-        self.running: dict[str, str] = {}  # run -> worker
-        self.max_per_worker: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        stream = watch.Watch().stream(
-            self.custom.list_namespaced_custom_object,
-            "kubetask.io", "v1alpha1", self.namespace, "taskruns", timeout_seconds=170,
-        )  # fmt: skip
-        for event in stream:
-            run = event["object"]
-            name = run["metadata"]["name"]
-            status = run.get("status") or {}
-            if status.get("phase") == "Running":
-                self.running[name] = status["worker"]
-            else:
-                self.running.pop(name, None)
-            for worker in set(self.running.values()):
-                count = sum(1 for w in self.running.values() if w == worker)
-                self.max_per_worker[worker] = max(self.max_per_worker.get(worker, 0), count)
-            if self._stop.is_set():
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 def test_a_worker_never_runs_more_than_its_slots(
     harness: Harness, kube_api: client.ApiClient
 ) -> None:
-    observer = RunningObserver(kube_api, harness.namespace)
+    observer = RunObserver(kube_api, harness.namespace)
     harness.start_operator()
     _, pod = harness.start_worker(tasks="sleep", slots=3)
     names = [harness.create_run("sleep", {"seconds": 0.5}) for _ in range(9)]
