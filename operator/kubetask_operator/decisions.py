@@ -32,6 +32,7 @@ from kubetask_operator.flow import (
     RateLimitUse,
     plan_flow,
 )
+from kubetask_operator.limits import ExpressionError, compile_expression
 from kubetask_operator.placement import (
     WAIT_MESSAGES,
     AffinityTerm,
@@ -58,6 +59,20 @@ class TaskRecord:
     """`status.workers` as last written: live workers serving the task."""
     concurrency: tuple[ConcurrencyRule, ...] = ()
     rate_limits: tuple[RateLimitUse, ...] = ()
+    expressions_condition: tuple[str, str] | None = None
+    """The (status, message) of its ExpressionsValid condition as last written."""
+
+    def expression_errors(self) -> list[str]:
+        """Why each of the task's CEL expressions does not compile (empty when all do)."""
+        errors = []
+        expressions = [rule.expression for rule in self.concurrency]
+        expressions += [use.dynamic_key for use in self.rate_limits if use.dynamic_key]
+        for expression in expressions:
+            try:
+                compile_expression(expression)
+            except ExpressionError as exc:
+                errors.append(str(exc))
+        return errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +170,8 @@ class Decision:
     """Runs waiting for a worker after this decision (for the queue-depth metric)."""
     task_workers: dict[tuple[str, str], int]
     """Tasks whose `status.workers` differs from the live workers serving them now."""
+    task_conditions: dict[tuple[str, str], dict[str, str]] = dataclasses.field(default_factory=dict)
+    """Tasks whose ExpressionsValid condition must change, with the new condition."""
     spends: list[Spend] = dataclasses.field(default_factory=list)
     turns: dict[str, datetime] = dataclasses.field(default_factory=dict)
     """Round-robin keys given a run in this pass, with the time (for the next passes)."""
@@ -239,9 +256,36 @@ def decide(
         wake_at=wake.earliest,
         queued=len(placement.waiting),
         task_workers=_task_worker_changes(tasks, live_workers.values()),
+        task_conditions=_expression_conditions(tasks, now),
         spends=placement.spends,
         turns=placement.turns,
     )
+
+
+EXPRESSIONS_CONDITION = "ExpressionsValid"
+
+
+def _expression_conditions(
+    tasks: Mapping[tuple[str, str], TaskRecord], now: datetime
+) -> dict[tuple[str, str], dict[str, str]]:
+    """An ExpressionsValid condition for tasks with expressions, when it changes."""
+    changes = {}
+    for key, task in tasks.items():
+        if not (task.concurrency or any(use.dynamic_key for use in task.rate_limits)):
+            continue
+        errors = task.expression_errors()
+        status = "False" if errors else "True"
+        message = " ".join(errors) if errors else "Every CEL expression compiles."
+        if task.expressions_condition == (status, message):
+            continue
+        changes[key] = {
+            "type": EXPRESSIONS_CONDITION,
+            "status": status,
+            "reason": "InvalidExpression" if errors else "Compiled",
+            "message": message[:4000],
+            "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    return changes
 
 
 def _limited(run: RunRecord, tasks: Mapping[tuple[str, str], TaskRecord]) -> bool:

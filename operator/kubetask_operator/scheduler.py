@@ -65,7 +65,7 @@ class Scheduler:
         self._spending: set[str] = set()
         self._keys = KeyMemo()
         self._turns: dict[str, datetime] = {}
-        self._in_flight_tasks: set[tuple[str, str, str]] = set()
+        self._in_flight_tasks: set[Key] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def poke(self) -> None:
@@ -84,8 +84,13 @@ class Scheduler:
             for transition in decision.transitions:
                 if all(budget in spends for budget in transition.needs):
                     self._start_write(transition, after=[spends[b] for b in transition.needs])
-            for key, count in decision.task_workers.items():
-                self._start_task_status_write(key, count)
+            for key in decision.task_workers.keys() | decision.task_conditions.keys():
+                status: dict[str, Any] = {}
+                if key in decision.task_workers:
+                    status["workers"] = decision.task_workers[key]
+                if key in decision.task_conditions:
+                    status["conditions"] = [decision.task_conditions[key]]
+                self._start_task_status_write(key, status)
             timeout = self.settings.max_tick_seconds
             if decision.wake_at is not None:
                 until = (decision.wake_at - utc_now()).total_seconds()
@@ -130,26 +135,32 @@ class Scheduler:
             self._pending[key] = _as_running(self.view.runs[key], transition)
         self._spawn(self._write(transition, after))
 
-    def _start_task_status_write(self, key: Key, workers: int) -> None:
-        if ("task", *key) in self._in_flight_tasks:
+    def _start_task_status_write(self, key: Key, status: dict[str, Any]) -> None:
+        if key in self._in_flight_tasks:
             return
-        self._in_flight_tasks.add(("task", *key))
-        self._spawn(self._write_task_status(key, workers))
+        self._in_flight_tasks.add(key)
+        self._spawn(self._write_task_status(key, status))
 
-    async def _write_task_status(self, key: Key, workers: int) -> None:
+    async def _write_task_status(self, key: Key, status: dict[str, Any]) -> None:
         namespace, name = key
         try:
             async with self._writes:
                 updated = await asyncio.to_thread(
                     self.custom.patch_namespaced_custom_object_status,
-                    GROUP, VERSION, namespace, "tasks", name, {"status": {"workers": workers}},
+                    GROUP, VERSION, namespace, "tasks", name, {"status": status},
                 )  # fmt: skip
             self.view.upsert_task(updated)
-            logger.info("Task %s/%s is served by %d live workers.", namespace, name, workers)
+            if "workers" in status:
+                logger.info(
+                    "Task %s/%s is served by %d live workers.", namespace, name, status["workers"]
+                )
+            for condition in status.get("conditions", []):
+                log = logger.warning if condition["status"] == "False" else logger.info
+                log("Task %s/%s: %s", namespace, name, condition["message"])
         except ApiException as exc:
-            logger.debug("Updating the workers of Task %s/%s failed: %s", namespace, name, exc)
+            logger.debug("Updating the status of Task %s/%s failed: %s", namespace, name, exc)
         finally:
-            self._in_flight_tasks.discard(("task", *key))
+            self._in_flight_tasks.discard(key)
 
     async def _write(
         self, transition: Transition, after: Sequence[asyncio.Task[bool]] = ()

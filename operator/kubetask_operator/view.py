@@ -16,7 +16,13 @@ import pydantic
 
 from kubetask.api import TaskSpec, parse_duration
 from kubetask.lifecycle import Phase, RetryPolicy, parse_time
-from kubetask_operator.decisions import WAITING_CONDITION, RunRecord, TaskRecord, WorkerRecord
+from kubetask_operator.decisions import (
+    EXPRESSIONS_CONDITION,
+    WAITING_CONDITION,
+    RunRecord,
+    TaskRecord,
+    WorkerRecord,
+)
 from kubetask_operator.flow import ConcurrencyRule, RateLimitRecord, RateLimitUse, Strategy
 from kubetask_operator.placement import AffinityTerm, Comparator
 
@@ -213,6 +219,7 @@ def task_record(obj: Obj) -> TaskRecord:
             for label in spec.worker_affinity
         ),
         workers=(obj.get("status") or {}).get("workers"),
+        expressions_condition=_condition(obj, EXPRESSIONS_CONDITION),
         concurrency=tuple(
             ConcurrencyRule(
                 expression=rule.expression,
@@ -232,6 +239,13 @@ def task_record(obj: Obj) -> TaskRecord:
             for use in spec.rate_limits
         ),
     )
+
+
+def _condition(obj: Obj, kind: str) -> tuple[str, str] | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return (str(condition.get("status")), str(condition.get("message", "")))
+    return None
 
 
 def rate_limit_record(obj: Obj) -> RateLimitRecord:

@@ -184,3 +184,33 @@ def test_cancel_newest_cancels_the_newcomer_at_once(harness: Harness) -> None:
     assert refused["status"].get("attempt", 0) == 0  # it never started
     assert harness.wait_final(first, timeout=30)["status"]["phase"] == "Completed"
     assert [r["run"] for r in harness.records() if r["event"] == "start"] == [first]
+
+
+@pytest.mark.timeout(120)
+def test_an_invalid_expression_is_reported_on_the_task_and_fails_its_runs(
+    harness: Harness,
+) -> None:
+    harness.custom.create_namespaced_custom_object(
+        "kubetask.io", "v1alpha1", harness.namespace, "tasks",
+        {"apiVersion": "kubetask.io/v1alpha1", "kind": "Task", "metadata": {"name": "broken"},
+         "spec": {"concurrency": [{"expression": "input.(", "maxRuns": 1}]}},
+    )  # fmt: skip
+    harness.start_operator()
+    run = harness.create_run("broken", {"key": "x"})
+
+    failed = harness.wait_final(run, timeout=30)
+    assert (failed["status"]["phase"], failed["status"]["reason"]) == ("Failed", "InvalidInput")
+    assert "not a valid CEL expression" in failed["status"]["error"]["message"]
+    deadline = time.monotonic() + 20
+    while True:
+        task = harness.custom.get_namespaced_custom_object(
+            "kubetask.io", "v1alpha1", harness.namespace, "tasks", "broken"
+        )
+        conditions = {c["type"]: c for c in (task.get("status") or {}).get("conditions", [])}
+        if "ExpressionsValid" in conditions:
+            break
+        assert time.monotonic() < deadline, task.get("status")
+        time.sleep(0.2)
+    condition = conditions["ExpressionsValid"]
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidExpression")
+    assert "input.(" in condition["message"]
