@@ -92,7 +92,8 @@ def replace_status(
     kube_api: client.ApiClient, namespace: str, resource: Resource, stored: dict[str, Any]
 ) -> dict[str, Any]:
     """Write resource's status over the stored object through the status subresource."""
-    body = {**stored, "status": resource.to_manifest()["status"]}
+    status = resource.model_dump(mode="json", by_alias=True, exclude_none=True)["status"]
+    body = {**stored, "status": status}
     replaced: dict[str, Any] = custom_objects(kube_api).replace_namespaced_custom_object_status(
         GROUP, VERSION, namespace, resource.plural, stored["metadata"]["name"], body
     )
@@ -505,7 +506,7 @@ CONDITIONS = st.lists(
 TASK_STATUSES = model(TaskStatus, workers=COUNTS, conditions=CONDITIONS)
 TASK_RUN_STATUSES = model(
     TaskRunStatus,
-    phase=st.none() | st.sampled_from(TaskRunPhase),
+    phase=st.sampled_from(TaskRunPhase),
     attempt=COUNTS,
     requeues=COUNTS,
     worker=st.none() | TEXT,

@@ -102,7 +102,7 @@ def test_fresh_status_counts_from_zero() -> None:
     status = TaskRunStatus()
 
     assert (status.attempt, status.requeues, status.slot_released) == (0, 0, False)
-    assert status.phase is None
+    assert status.phase is TaskRunPhase.QUEUED
     assert TaskStatus().workers == 0
     assert RateLimitStatus().used == 0
     assert RateLimitStatus().remaining is None

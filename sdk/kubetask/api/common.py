@@ -277,8 +277,16 @@ class Resource(BaseModel):
     metadata: ObjectMeta = Field(description="Standard Kubernetes object metadata.")
 
     def to_manifest(self) -> dict[str, Any]:
-        """The object as the Kubernetes API takes it: camelCase keys, unset fields left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The object as the Kubernetes API takes it: camelCase keys, unset fields left out.
+
+        A status that holds only defaults is left out too: it says nothing, and the API server
+        ignores status on create anyway.
+        """
+        manifest = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        status = getattr(self, "status", None)
+        if isinstance(status, BaseModel) and status == type(status)():
+            manifest.pop("status", None)
+        return manifest
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Self:

@@ -200,9 +200,12 @@ class TaskRunError(StatusModel):
 class TaskRunStatus(StatusModel):
     """What became of the run, kept by the operator and the worker running it."""
 
-    phase: TaskRunPhase | None = Field(
-        default=None,
-        description="Scheduled, Queued, Running, Completed, Failed or Cancelled.",
+    phase: TaskRunPhase = Field(
+        default=TaskRunPhase.QUEUED,
+        description=(
+            "Scheduled, Queued, Running, Completed, Failed or Cancelled. A new run reads as "
+            "Queued: the API server fills that in, so no write is spent on it."
+        ),
     )
     attempt: int = Field(
         default=0,
@@ -288,7 +291,10 @@ class TaskRun(Resource):
 
     kind: Literal["TaskRun"] = Field(default="TaskRun", description="Always TaskRun.")
     spec: TaskRunSpec = Field(description="What to run; fixed once the run exists.")
-    status: TaskRunStatus | None = Field(
-        default=None,
-        description="What became of the run, kept by the operator.",
+    status: TaskRunStatus = Field(
+        default_factory=TaskRunStatus,
+        description="What became of the run, kept by the operator and the worker running it.",
+        # Defaulting `status` to an object lets the API server fill in its own defaults (phase
+        # Queued, attempt 0) on every read of a new run, which has no status of its own yet.
+        json_schema_extra={"default": {}},
     )
