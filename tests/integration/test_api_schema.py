@@ -37,7 +37,6 @@ from kubetask.api import (
     RateLimitDuration,
     RateLimitSpec,
     RateLimitStatus,
-    RateLimitWindow,
     Resource,
     Task,
     TaskRateLimit,
@@ -531,9 +530,6 @@ RATE_LIMIT_STATUSES = model(
     window_start=st.none() | TIMESTAMPS,
     used=COUNTS,
     remaining=st.none() | COUNTS,
-    dynamic_windows=st.dictionaries(
-        TEXT, model(RateLimitWindow, window_start=TIMESTAMPS, used=COUNTS), max_size=3
-    ),
 )
 
 PROPERTY_SETTINGS = settings(

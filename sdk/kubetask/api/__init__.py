@@ -31,7 +31,6 @@ from kubetask.api.ratelimit import (
     RateLimitDuration,
     RateLimitSpec,
     RateLimitStatus,
-    RateLimitWindow,
 )
 from kubetask.api.task import (
     DEFAULT_BACKOFF_MAX_SECONDS,
@@ -74,7 +73,6 @@ __all__ = [
     "RateLimitDuration",
     "RateLimitSpec",
     "RateLimitStatus",
-    "RateLimitWindow",
     "Resource",
     "Task",
     "TaskRateLimit",

@@ -33,20 +33,13 @@ class RateLimitSpec(SpecModel):
     )
 
 
-class RateLimitWindow(StatusModel):
-    """Consumption in the current window of one rendered dynamic key."""
-
-    window_start: Timestamp = Field(description="When the key's current window began.")
-    used: int = Field(
-        default=0,
-        ge=0,
-        le=INT32_MAX,
-        description="Units consumed under the key in its current window.",
-    )
-
-
 class RateLimitStatus(StatusModel):
-    """The window state the operator keeps; it decides whether a queued run may be assigned."""
+    """The window state the operator keeps; it decides whether a queued run may be assigned.
+
+    A dynamic key (a CEL expression on a Task) gets a RateLimit of its own, made by the operator
+    on first use and named after a hash of the key, with the key in the annotation
+    kubetask.io/dynamic-key; its window is kept here like a static limit's.
+    """
 
     window_start: Timestamp | None = Field(
         default=None,
@@ -63,12 +56,6 @@ class RateLimitStatus(StatusModel):
         ge=0,
         le=INT32_MAX,
         description="Units left in the current window (limit minus used).",
-    )
-    dynamic_windows: dict[str, RateLimitWindow] = Field(
-        default_factory=dict,
-        # A bound on the status size: each entry is one distinct key seen in a recent window.
-        max_length=10000,
-        description="Windows of dynamic rate limit keys, by the key the CEL expression rendered.",
     )
 
 
