@@ -1,14 +1,15 @@
 """What the operator does next with each run: pure functions from the cluster's state to writes.
 
-Inputs are frozen records made from API objects (see `view`); the output is a list of status
-transitions, each guarded by the resourceVersion it was decided on, and the next moment something
-becomes due (a deadline, a `runAt`, a backoff, a schedule timeout, a heartbeat limit).
+Inputs are frozen records made from API objects (see `view`); the outputs are status transitions,
+each guarded by the resourceVersion it was decided on, and the next moment something becomes due
+(a deadline, a `runAt`, a backoff, a schedule timeout, a heartbeat limit). `planner` applies
+these per run, to the runs that changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,26 +25,13 @@ from kubetask.lifecycle import (
 from kubetask_operator.flow import (
     Budget,
     ConcurrencyRule,
-    FlowPlan,
-    FlowRun,
-    KeyMemo,
-    Needs,
-    RateLimitRecord,
     RateLimitUse,
-    plan_flow,
 )
 from kubetask_operator.limits import ExpressionError, compile_expression
-from kubetask_operator.placement import (
-    WAIT_MESSAGES,
-    AffinityTerm,
-    QueuedRun,
-    WaitReason,
-    Worker,
-    place,
-)
+from kubetask_operator.placement import AffinityTerm, WaitReason
 
 WAITING_CONDITION = "Waiting"
-_NORMAL_WAITS = frozenset({WaitReason.SLOTS_BUSY, WaitReason.CONCURRENCY_LIMITED})
+NORMAL_WAITS = frozenset({WaitReason.SLOTS_BUSY, WaitReason.CONCURRENCY_LIMITED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,95 +165,10 @@ class Decision:
     """Round-robin keys given a run in this pass, with the time (for the next passes)."""
 
 
-def decide(
-    *,
-    runs: Iterable[RunRecord],
-    tasks: Mapping[tuple[str, str], TaskRecord],
-    workers: Iterable[WorkerRecord],
-    now: datetime,
-    limits: Limits,
-    rate_limits: Mapping[tuple[str, str], RateLimitRecord] | None = None,
-    keys: KeyMemo | None = None,
-    last_turn: Mapping[str, datetime] | None = None,
-) -> Decision:
-    """Every transition due at `now`, and when to look again.
-
-    `keys` remembers rendered concurrency and rate-limit keys between passes; `last_turn` says
-    when each round-robin key was last given a run.
-    """
-    live_workers = {
-        (w.namespace, w.pod): w for w in workers if w.live(now, limits.worker_lost_after)
-    }
-    transitions: list[Transition] = []
-    wake = _Wake()
-    eligible: list[RunRecord] = []
-    busy: dict[tuple[str, str], int] = {}
-    holding: list[RunRecord] = []
-
-    for run in runs:
-        if run.final:
-            continue
-        task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
-        if run.phase is Phase.RUNNING:
-            change = _running(run, task, live_workers, now=now, limits=limits, wake=wake)
-            if change is not None:
-                transitions.append(change)
-            else:
-                holding.append(run)
-                if run.worker is not None and not run.slot_released:
-                    key = (run.namespace, run.worker)
-                    busy[key] = busy.get(key, 0) + 1
-            continue
-        change, due = _waiting(run, task, now, wake)
-        if change is not None:
-            transitions.append(change)
-        elif due:
-            eligible.append(run)
-
-    for worker in live_workers.values():
-        wake.at(worker.renewed + limits.worker_lost_after if worker.renewed else None)
-    flow = plan_flow(
-        waiting=[_flow_run(run) for run in eligible if _limited(run, tasks)],
-        running=[_flow_run(run) for run in holding if _limited(run, tasks)],
-        rules={key: task.concurrency for key, task in tasks.items() if task.concurrency},
-        rate_limits={key: task.rate_limits for key, task in tasks.items() if task.rate_limits},
-        limit_objects=rate_limits or {},
-        keys=keys or KeyMemo(),
-        now=now,
-    )
-    by_key = {run.key: run for run in (*eligible, *holding)}
-    for key, message in flow.failures.items():
-        error = {"message": message, "type": "KeyExpressionError", "retryable": False}
-        transitions.append(_fail(by_key[key], now, Reason.INVALID_INPUT, message, error=error))
-    for key, message in flow.cancellations.items():
-        transitions.append(_cancel(by_key[key], now, Reason.CONCURRENCY_CANCELLED, message))
-    placeable = [run for run in eligible if run.key in flow.needs or not _limited(run, tasks)]
-
-    placement = _assign(
-        placeable, tasks, live_workers, busy, now,
-        flow=flow, last_turn=last_turn or {},
-    )  # fmt: skip
-    transitions.extend(placement.transitions)
-    transitions.extend(_waiting_conditions(placement.waiting, now, limits, wake))
-    for run, reason in placement.waiting:
-        if reason is WaitReason.RATE_LIMITED:
-            for use in flow.needs[run.key].units:
-                wake.at(flow.budgets[use.budget].window.end)
-    return Decision(
-        transitions=transitions,
-        wake_at=wake.earliest,
-        queued=len(placement.waiting),
-        task_workers=_task_worker_changes(tasks, live_workers.values()),
-        task_conditions=_expression_conditions(tasks, now),
-        spends=placement.spends,
-        turns=placement.turns,
-    )
-
-
 EXPRESSIONS_CONDITION = "ExpressionsValid"
 
 
-def _expression_conditions(
+def expression_conditions(
     tasks: Mapping[tuple[str, str], TaskRecord], now: datetime
 ) -> dict[tuple[str, str], dict[str, str]]:
     """An ExpressionsValid condition for tasks with expressions, when it changes."""
@@ -288,22 +191,7 @@ def _expression_conditions(
     return changes
 
 
-def _limited(run: RunRecord, tasks: Mapping[tuple[str, str], TaskRecord]) -> bool:
-    task = tasks.get(run.task_key)
-    return task is not None and bool(task.concurrency or task.rate_limits)
-
-
-def _flow_run(run: RunRecord) -> FlowRun:
-    return FlowRun(
-        key=run.key,
-        task=run.task,
-        input=run.input,
-        metadata=run.metadata,
-        order=(run.created, run.seq),
-    )
-
-
-def _task_worker_changes(
+def task_worker_changes(
     tasks: Mapping[tuple[str, str], TaskRecord], live_workers: Iterable[WorkerRecord]
 ) -> dict[tuple[str, str], int]:
     serving: dict[tuple[str, str], int] = {}
@@ -318,7 +206,7 @@ def _task_worker_changes(
     }
 
 
-class _Wake:
+class Wake:
     def __init__(self) -> None:
         self.earliest: datetime | None = None
 
@@ -327,17 +215,17 @@ class _Wake:
             self.earliest = moment
 
 
-def _running(
+def review_running(
     run: RunRecord,
     task: TaskRecord,
     live_workers: Mapping[tuple[str, str], WorkerRecord],
     *,
     now: datetime,
     limits: Limits,
-    wake: _Wake,
+    wake: Wake,
 ) -> Transition | None:
     if run.cancel:
-        return _cancel(run, now, Reason.CANCELLED, "The run was cancelled while running.")
+        return cancel(run, now, Reason.CANCELLED, "The run was cancelled while running.")
     if (run.namespace, run.worker or "") not in live_workers:
         if run.slot_released or run.requeues >= limits.max_requeues:
             why = (
@@ -345,7 +233,7 @@ def _running(
                 if run.slot_released
                 else f"it was already re-queued {run.requeues} times"
             )
-            return _fail(run, now, Reason.WORKER_LOST, f"Worker {run.worker} was lost and {why}.")
+            return fail(run, now, Reason.WORKER_LOST, f"Worker {run.worker} was lost and {why}.")
         return _requeue(
             run,
             now,
@@ -363,7 +251,7 @@ def _running(
         outcome = after_failure(task.policy, attempt=run.attempt, retryable=True, now=now)
         error = {"message": message, "type": "ExecutionTimeout", "retryable": True}
         if isinstance(outcome, GiveUp):
-            return _fail(run, now, Reason.EXECUTION_TIMEOUT, message, error=error)
+            return fail(run, now, Reason.EXECUTION_TIMEOUT, message, error=error)
         return _requeue(
             run,
             now,
@@ -376,17 +264,15 @@ def _running(
     return None
 
 
-def _waiting(
-    run: RunRecord, task: TaskRecord, now: datetime, wake: _Wake
+def review_waiting(
+    run: RunRecord, task: TaskRecord, now: datetime, wake: Wake
 ) -> tuple[Transition | None, bool]:
     """Cancellation, schedule timeout, `runAt` and backoff for a run that is not running.
 
     Returns the transition due now, if any, and whether the run may be assigned now.
     """
     if run.cancel:
-        return _cancel(
-            run, now, Reason.CANCELLED, "The run was cancelled before it started."
-        ), False
+        return cancel(run, now, Reason.CANCELLED, "The run was cancelled before it started."), False
     if run.run_at is not None and run.run_at > now and run.attempt == 0:
         wake.at(run.run_at)
         if run.phase is Phase.SCHEDULED:
@@ -400,13 +286,13 @@ def _waiting(
             reason=Reason.SCHEDULED.value,
             message=f"Scheduled for {format_time(run.run_at)}.",
         ), False  # fmt: skip
-    expires = _queued_since(run) + task.schedule_timeout
+    expires = queued_since(run) + task.schedule_timeout
     if expires <= now:
         message = (
             f"The run was still waiting after its schedule timeout "
             f"({_seconds(task.schedule_timeout)})."
         )
-        return _cancel(run, now, Reason.SCHEDULE_TIMEOUT, message), False
+        return cancel(run, now, Reason.SCHEDULE_TIMEOUT, message), False
     wake.at(expires)
     if run.not_before is not None and run.not_before > now:
         wake.at(run.not_before)
@@ -414,7 +300,7 @@ def _waiting(
     return None, True
 
 
-def _queued_since(run: RunRecord) -> datetime:
+def queued_since(run: RunRecord) -> datetime:
     if run.queued_at is not None:
         return run.queued_at
     if run.run_at is not None and run.run_at > run.created:
@@ -422,149 +308,43 @@ def _queued_since(run: RunRecord) -> datetime:
     return run.created
 
 
-@dataclasses.dataclass
-class _Placement:
-    transitions: list[Transition]
-    waiting: list[tuple[RunRecord, WaitReason]]
-    spends: list[Spend]
-    turns: dict[str, datetime]
-
-
-def _assign(
-    eligible: Sequence[RunRecord],
-    tasks: Mapping[tuple[str, str], TaskRecord],
-    live_workers: Mapping[tuple[str, str], WorkerRecord],
-    busy: Mapping[tuple[str, str], int],
+def assignment(
+    run: RunRecord,
+    task: TaskRecord,
+    worker: WorkerRecord,
     now: datetime,
     *,
-    flow: FlowPlan,
-    last_turn: Mapping[str, datetime],
-) -> _Placement:
-    # Placement works on flat names; a namespace prefix keeps namespaces apart.
-    def scoped(namespace: str, name: str) -> str:
-        return f"{namespace}/{name}"
-
-    workers = [
-        Worker(
-            name=scoped(w.namespace, w.pod),
-            tasks=frozenset(scoped(w.namespace, t) for t in w.tasks),
-            slots=w.slots,
-            busy=busy.get((w.namespace, w.pod), 0),
-            labels=w.labels,
-        )
-        for w in live_workers.values()
-    ]
-    by_name = {scoped(run.namespace, run.name): run for run in eligible}
-    queue = []
-    for run in eligible:
-        task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
-        needs = flow.needs.get(run.key) or Needs()
-        queue.append(
-            QueuedRun(
-                name=scoped(run.namespace, run.name),
-                task=scoped(run.namespace, run.task),
-                priority=run.priority or task.default_priority,
-                queued_at=_queued_since(run),
-                seq=run.seq,
-                caps=needs.caps,
-                units=needs.units,
-                turn_key=needs.turn_key,
-            )
-        )
-    affinity = {scoped(*key): task.affinity for key, task in tasks.items()}
-    budgets = {budget_id: budget.remaining for budget_id, budget in flow.budgets.items()}
-    result = place(
-        queue, workers, affinity,
-        running=flow.running, budgets=budgets, last_turn=last_turn, now=now,
-    )  # fmt: skip
-
-    transitions = []
-    turns: dict[str, datetime] = {}
-    for assignment in result.assignments:
-        run = by_name[assignment.run]
-        pod = assignment.worker.split("/", 1)[1]
-        worker = live_workers[(run.namespace, pod)]
-        task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
-        needs = flow.needs.get(run.key) or Needs()
-        if needs.turn_key is not None:
-            turns[needs.turn_key] = now
-        # A re-queue after losing the worker repeats the same attempt: it spent no retry.
-        repeat = run.reason == Reason.WORKER_LOST.value and run.attempt > 0
-        attempt = run.attempt if repeat else run.attempt + 1
-        transitions.append(
-            Transition(
-                run.namespace,
-                run.name,
-                run.resource_version,
-                {
-                    "phase": Phase.RUNNING.value,
-                    "attempt": attempt,
-                    "worker": pod,
-                    "node": worker.node,
-                    "startedAt": format_time(now),
-                    "deadline": format_time(now + task.execution_timeout),
-                    "queuedAt": format_time(_queued_since(run)),
-                    "reason": Reason.ASSIGNED.value,
-                    "message": f"Attempt {attempt} assigned to worker {pod} on node {worker.node}.",
-                    "notBefore": None,
-                    "slotReleased": None,
-                    "conditions": None,
-                },
-                reason=Reason.ASSIGNED.value,
-                message=f"Assigned attempt {attempt} to worker {pod}.",
-                needs=tuple(use.budget for use in needs.units),
-            )
-        )
-    spends = [
-        Spend(budget=flow.budgets[budget_id], used=flow.budgets[budget_id].used + units)
-        for budget_id, units in result.spent.items()
-    ]
-    waiting = [
-        (run, result.waiting[name]) for name, run in by_name.items() if name in result.waiting
-    ]
-    return _Placement(transitions=transitions, waiting=waiting, spends=spends, turns=turns)
+    needs: tuple[str, ...] = (),
+) -> Transition:
+    """Queued → Running on `worker`: the one write that starts an attempt."""
+    # A re-queue after losing the worker repeats the same attempt: it spent no retry.
+    repeat = run.reason == Reason.WORKER_LOST.value and run.attempt > 0
+    attempt = run.attempt if repeat else run.attempt + 1
+    return Transition(
+        run.namespace,
+        run.name,
+        run.resource_version,
+        {
+            "phase": Phase.RUNNING.value,
+            "attempt": attempt,
+            "worker": worker.pod,
+            "node": worker.node,
+            "startedAt": format_time(now),
+            "deadline": format_time(now + task.execution_timeout),
+            "queuedAt": format_time(queued_since(run)),
+            "reason": Reason.ASSIGNED.value,
+            "message": f"Attempt {attempt} assigned to worker {worker.pod} on node {worker.node}.",
+            "notBefore": None,
+            "slotReleased": None,
+            "conditions": None,
+        },
+        reason=Reason.ASSIGNED.value,
+        message=f"Assigned attempt {attempt} to worker {worker.pod}.",
+        needs=needs,
+    )
 
 
-def _waiting_conditions(
-    waiting: Sequence[tuple[RunRecord, WaitReason]],
-    now: datetime,
-    limits: Limits,
-    wake: _Wake,
-) -> list[Transition]:
-    """A Waiting condition for runs that wait for a missing worker or a rate limit's window.
-
-    Busy slots and concurrency keys at their limit are the normal flow of a queue; writing a
-    condition for them would cost a write per waiting run.
-    """
-    transitions = []
-    for run, reason in waiting:
-        if reason in _NORMAL_WAITS or run.waiting_reason == reason.value:
-            continue
-        due = _queued_since(run) + limits.wait_condition_after
-        if due > now:
-            wake.at(due)
-            continue
-        condition = {
-            "type": WAITING_CONDITION,
-            "status": "True",
-            "reason": reason.value,
-            "message": WAIT_MESSAGES[reason],
-            "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        transitions.append(
-            Transition(
-                run.namespace,
-                run.name,
-                run.resource_version,
-                {"phase": Phase.QUEUED.value, "conditions": [condition]},
-                reason=reason.value,
-                message=WAIT_MESSAGES[reason],
-            )
-        )
-    return transitions
-
-
-def _cancel(run: RunRecord, now: datetime, reason: Reason, message: str) -> Transition:
+def cancel(run: RunRecord, now: datetime, reason: Reason, message: str) -> Transition:
     return Transition(
         run.namespace,
         run.name,
@@ -581,7 +361,7 @@ def _cancel(run: RunRecord, now: datetime, reason: Reason, message: str) -> Tran
     )
 
 
-def _fail(
+def fail(
     run: RunRecord,
     now: datetime,
     reason: Reason,

@@ -35,7 +35,9 @@ def build_registry(
     scheduler = Scheduler(api_client, view, operator_settings)
     loop_task: list[asyncio.Task[None]] = []
 
-    @kopf.on.startup(registry=registry)
+    # A failed first listing (the API server not reachable yet) is retried after 2 s, not
+    # kopf's default of a minute.
+    @kopf.on.startup(registry=registry, backoff=2)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         _tune_kopf(settings)
         # Read everything once before the first decision: deciding on a partial view would

@@ -160,7 +160,93 @@ def score(terms: Sequence[AffinityTerm], labels: Mapping[str, str]) -> int | Non
 
 
 _Order = tuple[int, datetime, int, str]
-_Group = tuple[str, tuple[Cap, ...], tuple[Units, ...]]
+Group = tuple[str, tuple[Cap, ...], tuple[Units, ...]]
+
+
+class RunQueue:
+    """Queued runs that may be assigned now, grouped by the constraints they share.
+
+    Each group is a heap in queue order. Runs leave lazily: `discard` forgets a run at once, and
+    its heap entry is dropped when it reaches the top. Everything here costs O(log n) per run.
+    """
+
+    def __init__(self) -> None:
+        self._heaps: dict[Group, list[tuple[_Order, str]]] = {}
+        self._runs: dict[str, QueuedRun] = {}
+        self._by_cap: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._runs
+
+    def get(self, name: str) -> QueuedRun | None:
+        return self._runs.get(name)
+
+    def put(self, run: QueuedRun) -> None:
+        if self._runs.get(run.name) == run:
+            return
+        self.discard(run.name)
+        self._runs[run.name] = run
+        heapq.heappush(self._heaps.setdefault(run.group, []), (run.order_key(), run.name))
+        for cap in run.caps:
+            self._by_cap.setdefault(cap.counter, set()).add(run.name)
+
+    def discard(self, name: str) -> None:
+        run = self._runs.pop(name, None)
+        if run is None:
+            return
+        for cap in run.caps:
+            members = self._by_cap.get(cap.counter)
+            if members is not None:
+                members.discard(name)
+                if not members:
+                    del self._by_cap[cap.counter]
+
+    def holding(self, counter: str) -> set[str]:
+        """Queued runs that would take `counter` once running."""
+        return self._by_cap.get(counter, set())
+
+    def head(self, group: Group) -> QueuedRun | None:
+        heap = self._heaps.get(group)
+        while heap:
+            _, name = heap[0]
+            run = self._runs.get(name)
+            if run is not None and run.group == group:
+                return run
+            heapq.heappop(heap)
+        self._heaps.pop(group, None)
+        return None
+
+    def pop(self, group: Group) -> QueuedRun:
+        run = self.head(group)
+        assert run is not None
+        heapq.heappop(self._heaps[group])
+        self.discard(run.name)
+        return run
+
+    def groups(self) -> list[Group]:
+        return [group for group in list(self._heaps) if self.head(group) is not None]
+
+    def members(self, group: Group) -> list[QueuedRun]:
+        """The group's runs, in no particular order; O(size of the group)."""
+        names = {name for _, name in self._heaps.get(group, [])}
+        return [
+            self._runs[name]
+            for name in names
+            if name in self._runs and self._runs[name].group == group
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuePlacement:
+    assignments: list[Assignment]
+    blocked: dict[Group, WaitReason]
+    """Groups whose head could not be placed, with the reason; their runs stay queued."""
+    spent: dict[str, int]
+    popped: dict[str, QueuedRun]
+    """The assigned runs as they were queued."""
 
 
 def place(
@@ -173,11 +259,37 @@ def place(
     last_turn: Mapping[str, datetime] | None = None,
     now: datetime | None = None,
 ) -> PlacementResult:
+    """`place_queue` over a list of runs, with a waiting reason for every run not assigned."""
+    run_queue = RunQueue()
+    for run in queue:
+        run_queue.put(run)
+    result = place_queue(
+        run_queue, workers, affinity,
+        running=running, budgets=budgets, last_turn=last_turn, now=now,
+    )  # fmt: skip
+    waiting = {
+        run.name: reason
+        for group, reason in result.blocked.items()
+        for run in run_queue.members(group)
+    }
+    return PlacementResult(assignments=result.assignments, waiting=waiting, spent=result.spent)
+
+
+def place_queue(
+    queue: RunQueue,
+    workers: Iterable[Worker],
+    affinity: Mapping[str, Sequence[AffinityTerm]],
+    *,
+    running: Mapping[str, int] | None = None,
+    budgets: Mapping[str, int] | None = None,
+    last_turn: Mapping[str, datetime] | None = None,
+    now: datetime | None = None,
+) -> QueuePlacement:
     """Assign queued runs to workers with free slots, within concurrency caps and budgets.
 
-    `running` counts the runs holding each concurrency counter, `budgets` the units left in each
-    rate-limit window, `last_turn` when each round-robin key was last given a run; `now` is that
-    moment for the assignments of this pass.
+    Assigned runs are popped from `queue`. `running` counts the runs holding each concurrency
+    counter, `budgets` the units left in each rate-limit window, `last_turn` when each
+    round-robin key was last given a run; `now` is that moment for this pass's assignments.
     """
     workers = list(workers)
     busy = {worker.name: worker.busy for worker in workers}
@@ -189,23 +301,23 @@ def place(
         for task in worker.tasks:
             workers_by_task.setdefault(task, []).append(worker)
 
-    groups: dict[_Group, list[tuple[_Order, QueuedRun]]] = {}
-    for run in queue:
-        groups.setdefault(run.group, []).append((run.order_key(), run))
-    heads: list[tuple[tuple[int, datetime, int, str], _Group]] = []
-    for group, runs in groups.items():
-        heapq.heapify(runs)
-        heads.append((_head_order(runs[0][1], turns), group))
+    heads: list[tuple[_Order, Group]] = []
+    for group in queue.groups():
+        head = queue.head(group)
+        if head is not None:
+            heads.append((_head_order(head, turns), group))
     heapq.heapify(heads)
 
     assignments: list[Assignment] = []
-    waiting: dict[str, WaitReason] = {}
+    blocked: dict[Group, WaitReason] = {}
     spent: dict[str, int] = {}
+    popped: dict[str, QueuedRun] = {}
     blocked_tasks: dict[str, WaitReason] = {}
     while heads:
         _, group = heapq.heappop(heads)
-        runs = groups[group]
-        head = runs[0][1]
+        head = queue.head(group)
+        if head is None:
+            continue
         reason = blocked_tasks.get(head.task) or _limited(head, held, left)
         choice = None
         if reason is None:
@@ -215,11 +327,10 @@ def place(
             if choice is None:
                 blocked_tasks[head.task] = reason
         if choice is None:
-            for _, run in runs:
-                waiting[run.name] = reason
+            blocked[group] = reason
             continue
 
-        heapq.heappop(runs)
+        popped[head.name] = queue.pop(group)
         busy[choice.name] += 1
         for cap in head.caps:
             held[cap.counter] = held.get(cap.counter, 0) + 1
@@ -229,9 +340,10 @@ def place(
         if head.turn_key is not None and now is not None:
             turns[head.turn_key] = now
         assignments.append(Assignment(run=head.name, worker=choice.name))
-        if runs:
-            heapq.heappush(heads, (_head_order(runs[0][1], turns), group))
-    return PlacementResult(assignments=assignments, waiting=waiting, spent=spent)
+        following = queue.head(group)
+        if following is not None:
+            heapq.heappush(heads, (_head_order(following, turns), group))
+    return QueuePlacement(assignments=assignments, blocked=blocked, spent=spent, popped=popped)
 
 
 def _head_order(run: QueuedRun, turns: Mapping[str, datetime]) -> _Order:

@@ -7,12 +7,13 @@ into one pass) or when the next deadline, `runAt`, backoff or heartbeat limit fa
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 from kubernetes import client
@@ -20,15 +21,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetask.lifecycle import Phase, format_time, parse_time, utc_now
 from kubetask_operator import metrics
-from kubetask_operator.decisions import (
-    Decision,
-    Limits,
-    RunRecord,
-    Spend,
-    Transition,
-    decide,
-)
-from kubetask_operator.flow import KeyMemo
+from kubetask_operator.decisions import Decision, Limits, RunRecord, Spend, Transition
+from kubetask_operator.planner import Planner
 from kubetask_operator.settings import OperatorSettings
 from kubetask_operator.view import DYNAMIC_KEY_ANNOTATION, ClusterView, Key
 
@@ -63,8 +57,7 @@ class Scheduler:
         self._pending: dict[Key, RunRecord] = {}
         # Rate limits with a spend in flight: nothing more is taken from them until it answers.
         self._spending: set[str] = set()
-        self._keys = KeyMemo()
-        self._turns: dict[str, datetime] = {}
+        self.planner = Planner(self.limits)
         self._in_flight_tasks: set[Key] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -75,7 +68,6 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             decision = self._decide()
-            self._turns.update(decision.turns)
             spends = {
                 spend.budget.id: self._spawn(self._write_spend(spend))
                 for spend in decision.spends
@@ -101,17 +93,22 @@ class Scheduler:
 
     def _decide(self) -> Decision:
         started = time.perf_counter()
-        runs = {**self.view.runs, **self._pending}
-        self._keys.forget_except(set(runs))
-        decision = decide(
-            runs=runs.values(),
+        # In-flight assignments read as Running, so their slots are never handed out twice.
+        runs = collections.ChainMap(self._pending, self.view.runs)
+        changed_runs, changed_tasks = self.view.take_changes()
+        self.planner.touch_all(changed_runs)
+        if changed_tasks:
+            # A Task's settings apply to all of its runs; Tasks change rarely.
+            self.planner.touch_all(
+                key for key, run in self.view.runs.items() if run.task_key in changed_tasks
+            )
+        self.planner.keys.forget_except(runs)
+        decision = self.planner.plan(
+            runs=runs,
             tasks=self.view.tasks,
             workers=self.view.workers(),
             now=utc_now(),
-            limits=self.limits,
             rate_limits=self.view.rate_limits,
-            keys=self._keys,
-            last_turn=self._turns,
         )
         metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         metrics.QUEUED_RUNS.set(decision.queued)
@@ -133,6 +130,7 @@ class Scheduler:
         self._in_flight.add(key)
         if transition.status.get("phase") == Phase.RUNNING.value:
             self._pending[key] = _as_running(self.view.runs[key], transition)
+            self.planner.touch(key)
         self._spawn(self._write(transition, after))
 
     def _start_task_status_write(self, key: Key, status: dict[str, Any]) -> None:
@@ -199,6 +197,7 @@ class Scheduler:
         finally:
             self._in_flight.discard(key)
             self._pending.pop(key, None)
+            self.planner.touch(key)
             self.poke()
 
     async def _write_spend(self, spend: Spend) -> bool:

@@ -65,7 +65,16 @@ class ClusterView:
         self.leases: dict[Key, Obj] = {}
         self.node_labels: dict[str, dict[str, str]] = {}
         self.rate_limits: dict[Key, RateLimitRecord] = {}
+        # What changed since the scheduler last asked: it looks at those runs again.
+        self._changed_runs: set[Key] = set()
+        self._changed_tasks: set[Key] = set()
         self._versions: dict[tuple[str, Key], int] = {}
+
+    def take_changes(self) -> tuple[set[Key], set[Key]]:
+        """The runs and the tasks that changed since the last call."""
+        runs, self._changed_runs = self._changed_runs, set()
+        tasks, self._changed_tasks = self._changed_tasks, set()
+        return runs, tasks
 
     def _newer(self, kind: str, obj: Obj) -> bool:
         key = (kind, _key(obj))
@@ -84,6 +93,7 @@ class ClusterView:
         if not self._newer("run", obj):
             return
         key = _key(obj)
+        self._changed_runs.add(key)
         previous = self.runs.get(key)
         # A run that was never written since its creation still has the resourceVersion of its
         # creation, and etcd hands those out in creation order: an exact FIFO tie-breaker within
@@ -98,16 +108,21 @@ class ClusterView:
 
     def delete_run(self, obj: Obj) -> None:
         self.runs.pop(_key(obj), None)
+        self._changed_runs.add(_key(obj))
         self._forget("run", obj)
 
     # --- Tasks ------------------------------------------------------------------------------
 
     def upsert_task(self, obj: Obj) -> None:
         if self._newer("task", obj):
-            self.tasks[_key(obj)] = task_record(obj)
+            record = task_record(obj)
+            if self.tasks.get(_key(obj)) != record:
+                self._changed_tasks.add(_key(obj))
+            self.tasks[_key(obj)] = record
 
     def delete_task(self, obj: Obj) -> None:
         self.tasks.pop(_key(obj), None)
+        self._changed_tasks.add(_key(obj))
         self._forget("task", obj)
 
     # --- RateLimits -------------------------------------------------------------------------

@@ -6,13 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from kubetask.api import Backoff
 from kubetask.lifecycle import GiveUp, Phase, Reason, Retry, RetryPolicy, after_failure
-from kubetask_operator.decisions import (
-    Limits,
-    RunRecord,
-    TaskRecord,
-    WorkerRecord,
-    decide,
-)
+from kubetask_operator.decisions import Limits, RunRecord, TaskRecord, WorkerRecord
+from kubetask_operator.planner import decide
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits(

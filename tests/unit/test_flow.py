@@ -7,31 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kubetask.lifecycle import Phase
-from kubetask_operator.decisions import Limits, RunRecord, TaskRecord, WorkerRecord, decide
-from kubetask_operator.flow import (
-    ConcurrencyRule,
-    FlowRun,
-    KeyMemo,
-    RateLimitRecord,
-    RateLimitUse,
-    Strategy,
-    plan_flow,
-)
+from kubetask_operator.decisions import Limits, RunRecord, TaskRecord, WorkerRecord
+from kubetask_operator.flow import ConcurrencyRule, RateLimitRecord, RateLimitUse, Strategy
 from kubetask_operator.limits import ExpressionError, render_key, window_at
+from kubetask_operator.planner import decide
 
 NOW = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
 LIMITS = Limits(timedelta(seconds=30), 10, timedelta(seconds=5))
-
-
-def flow_run(name: str, user: str, at: int) -> FlowRun:
-    return FlowRun(("ns", name), "t", {"user": user}, {}, (NOW + timedelta(seconds=at), 0))
-
-
-def plan(rule: ConcurrencyRule, *, waiting: list[FlowRun], running: list[FlowRun]):  # type: ignore[no-untyped-def]
-    return plan_flow(
-        waiting=waiting, running=running, rules={("ns", "t"): (rule,)}, rate_limits={},
-        limit_objects={}, keys=KeyMemo(), now=NOW,
-    )  # fmt: skip
 
 
 def test_keys_render_from_input_and_metadata() -> None:
@@ -43,34 +25,6 @@ def test_keys_render_from_input_and_metadata() -> None:
         render_key("input.user", input={}, metadata={})
     with pytest.raises(ExpressionError, match="not a valid CEL expression"):
         render_key("input.(", input={}, metadata={})
-
-
-def test_cancel_in_progress_keeps_the_newest_runs_of_a_key() -> None:
-    rule = ConcurrencyRule("input.user", 1, Strategy.CANCEL_IN_PROGRESS)
-    old = flow_run("old", "ada", 0)
-    new = flow_run("new", "ada", 5)
-    other = flow_run("other", "bob", 1)
-    result = plan(rule, waiting=[new], running=[old, other])
-    assert set(result.cancellations) == {("ns", "old")}
-    assert "CancelInProgress" in result.cancellations[("ns", "old")]
-    assert ("ns", "new") in result.needs
-
-
-def test_cancel_newest_cancels_arrivals_over_the_limit() -> None:
-    rule = ConcurrencyRule("input.user", 2, Strategy.CANCEL_NEWEST)
-    running = [flow_run("r1", "ada", 0)]
-    waiting = [flow_run("w1", "ada", 1), flow_run("w2", "ada", 2), flow_run("b", "bob", 3)]
-    result = plan(rule, waiting=waiting, running=running)
-    assert set(result.cancellations) == {("ns", "w2")}
-    assert set(result.needs) == {("ns", "w1"), ("ns", "b")}
-
-
-def test_a_failing_expression_fails_only_that_run() -> None:
-    rule = ConcurrencyRule("input.user", 1)
-    broken = FlowRun(("ns", "broken"), "t", {}, {}, (NOW, 0))
-    result = plan(rule, waiting=[broken, flow_run("ok", "ada", 0)], running=[])
-    assert "no field 'user'" in result.failures[("ns", "broken")]
-    assert ("ns", "ok") in result.needs
 
 
 def test_windows_are_fixed_and_aligned() -> None:
@@ -133,3 +87,47 @@ def test_group_round_robin_never_exceeds_max_runs_per_key() -> None:
     d = decide(runs=running + waiting, tasks={("ns", "t"): task}, workers=[worker()], now=NOW,
                limits=LIMITS)  # fmt: skip
     assert [t.name for t in d.transitions if t.status.get("phase") == "Running"] == ["b"]
+
+
+def running(name: str, user: str, at: int) -> RunRecord:
+    return run_record(
+        name, user, phase=Phase.RUNNING, worker="w", attempt=1, seq=at,
+        created=NOW - timedelta(seconds=60 - at), deadline=NOW + timedelta(minutes=1),
+    )  # fmt: skip
+
+
+def waiting(name: str, user: str, at: int) -> RunRecord:
+    return run_record(name, user, seq=at, created=NOW - timedelta(seconds=60 - at))
+
+
+def outcome(rule: ConcurrencyRule, runs: list[RunRecord]) -> dict[str, tuple[str, str]]:
+    task = TaskRecord("ns", "t", concurrency=(rule,))
+    d = decide(runs=runs, tasks={("ns", "t"): task}, workers=[worker()], now=NOW, limits=LIMITS)
+    return {t.name: (t.status["phase"], t.reason) for t in d.transitions}
+
+
+def test_cancel_in_progress_keeps_the_newest_runs_of_a_key() -> None:
+    rule = ConcurrencyRule("input.user", 1, Strategy.CANCEL_IN_PROGRESS)
+    runs = [running("old", "ada", 0), running("other", "bob", 1), waiting("new", "ada", 5)]
+    # The old run is cancelled; the new one starts once that cancel is written.
+    assert outcome(rule, runs) == {"old": ("Cancelled", "ConcurrencyCancelled")}
+
+
+def test_cancel_newest_cancels_arrivals_over_the_limit() -> None:
+    rule = ConcurrencyRule("input.user", 2, Strategy.CANCEL_NEWEST)
+    runs = [running("r1", "ada", 0), waiting("w1", "ada", 1), waiting("w2", "ada", 2),
+            waiting("b", "bob", 3)]  # fmt: skip
+    assert outcome(rule, runs) == {
+        "w2": ("Cancelled", "ConcurrencyCancelled"),
+        "w1": ("Running", "Assigned"),
+        "b": ("Running", "Assigned"),
+    }
+
+
+def test_a_failing_expression_fails_only_that_run() -> None:
+    rule = ConcurrencyRule("input.user", 1)
+    broken = run_record("broken", "x", input={})
+    assert outcome(rule, [broken, waiting("ok", "ada", 0)]) == {
+        "broken": ("Failed", "InvalidInput"),
+        "ok": ("Running", "Assigned"),
+    }
