@@ -1,5 +1,8 @@
 """kopf wiring: watch events feed the view and wake the scheduler; nothing else happens here.
 
+The handlers are coroutines on purpose: kopf runs plain functions in threads, and the view, the
+planner's change sets and the scheduler's wake-up event belong to the event loop's thread.
+
 Only `on.event` handlers are used. kopf's change-detection handlers (on.create/on.update) record
 their progress in an annotation and add a finalizer, which would cost writes on every TaskRun; the
 event handlers write nothing, so a successful run stays at three writes (create, start, finish).
@@ -64,22 +67,22 @@ def build_registry(
             task.cancel()
 
     @kopf.on.event(GROUP, VERSION, "taskruns", registry=registry)
-    def taskrun_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def taskrun_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_run, view.delete_run)
         scheduler.poke()
 
     @kopf.on.event(GROUP, VERSION, "tasks", registry=registry)
-    def task_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def task_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_task, view.delete_task)
         scheduler.poke()
 
     @kopf.on.event(GROUP, VERSION, "ratelimits", registry=registry)
-    def rate_limit_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def rate_limit_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_rate_limit, view.delete_rate_limit)
         scheduler.poke()
 
     @kopf.on.event("v1", "pods", labels={WORKER_LABEL: kopf.PRESENT}, registry=registry)
-    def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_pod, view.delete_pod)
         scheduler.poke()
 
@@ -87,13 +90,13 @@ def build_registry(
         "coordination.k8s.io", "v1", "leases", labels={WORKER_LABEL: kopf.PRESENT},
         registry=registry,
     )  # fmt: skip
-    def lease_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def lease_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_lease, view.delete_lease)
         metrics.LIVE_WORKERS.set(len(view.leases))
         scheduler.poke()
 
     @kopf.on.event("v1", "nodes", registry=registry)
-    def node_event(event: kopf.RawEvent, **_: Any) -> None:
+    async def node_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_node, view.delete_node)
         scheduler.poke()
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
@@ -51,6 +52,9 @@ class Scheduler:
         )
         self._wake = asyncio.Event()
         self._writes = asyncio.Semaphore(settings.write_concurrency)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            settings.write_concurrency, thread_name_prefix="kubetask-write"
+        )
         # Runs with a write in flight: decided again only once the write has answered.
         self._in_flight: set[Key] = set()
         # Assignments in flight count as running, so a worker's slots are never handed out twice.
@@ -117,6 +121,11 @@ class Scheduler:
         ]
         return dataclasses.replace(decision, transitions=transitions)
 
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        """A blocking API call on the writer threads, of which there are as many as writes may
+        be in flight (asyncio's default pool has only cores + 4)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
     def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -143,7 +152,7 @@ class Scheduler:
         namespace, name = key
         try:
             async with self._writes:
-                updated = await asyncio.to_thread(
+                updated = await self._call(
                     self.custom.patch_namespaced_custom_object_status,
                     GROUP, VERSION, namespace, "tasks", name, {"status": status},
                 )  # fmt: skip
@@ -170,13 +179,13 @@ class Scheduler:
             if after and not all(await asyncio.gather(*after)):
                 return
             async with self._writes:
-                updated = await asyncio.to_thread(self._patch_status, transition)
+                updated = await self._call(self._patch_status, transition)
             self.view.upsert_run(updated)
             metrics.TRANSITIONS.labels(transition.reason).inc()
             log = logger.warning if transition.warning else logger.info
             log("TaskRun %s/%s: %s", transition.namespace, transition.name, transition.message)
             if transition.warning:
-                await asyncio.to_thread(self._post_event, updated, transition)
+                await self._call(self._post_event, updated, transition)
         except ApiException as exc:
             if exc.status in (404, 409):
                 metrics.WRITE_CONFLICTS.inc()
@@ -206,7 +215,7 @@ class Scheduler:
         self._spending.add(budget.id)
         try:
             async with self._writes:
-                updated = await asyncio.to_thread(self._patch_rate_limit, spend)
+                updated = await self._call(self._patch_rate_limit, spend)
             self.view.upsert_rate_limit(updated)
             return True
         except ApiException as exc:

@@ -33,13 +33,20 @@ class StaleAttemptError(Exception):
     """A guarded status write found that the run is no longer this attempt's."""
 
 
+#: HTTP connections kept per client. The client's default (5 per core) would make a worker's or
+#: the operator's concurrent writes queue for a connection on a small machine.
+CONNECTION_POOL_SIZE = 64
+
+
 def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     """The in-cluster service account inside a pod, else the kubeconfig (KUBECONFIG, ~/.kube)."""
+    configuration = client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-    return config.new_client_from_config(config_file=kubeconfig)
+    else:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    return client.ApiClient(configuration)
 
 
 def default_namespace(kubeconfig: str | None = None) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ MAX_OUTPUT_BYTES = 256 * 1024
 #: Seconds between heartbeats (Lease renewals). The operator declares a worker lost after
 #: KUBETASK_WORKER_LOST_AFTER_SECONDS (30 by default) without one, so 10 s tolerates two misses.
 HEARTBEAT_SECONDS = float(os.environ.get("KUBETASK_HEARTBEAT_SECONDS", "10"))
+#: Threads writing results at once.
+WRITE_THREADS = 16
 #: Seconds a watch stays open before it is renewed; short, so that shutdown is prompt.
 WATCH_RENEW_SECONDS = 60
 #: Seconds to wait for a Pod this process created to turn Ready.
@@ -114,6 +117,11 @@ class Worker:
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Result writes get threads of their own, so that many runs ending at once do not queue
+        # behind asyncio's small default pool or behind running sync task functions.
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            WRITE_THREADS, thread_name_prefix="kubetask-result"
+        )
         self._stopped: asyncio.Event | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -165,6 +173,7 @@ class Worker:
                 self._take_away(execution)
             await asyncio.to_thread(self._release_identity, identity)
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._writer.shutdown(wait=False)
             logger.info("Worker %s/%s stopped.", identity.namespace, identity.pod)
 
     # --- identity, tasks, heartbeat ---------------------------------------------------------
@@ -552,13 +561,14 @@ class Worker:
             status["logs"] = context.logs
         identity = self.identity
         try:
-            await asyncio.to_thread(
+            write = functools.partial(
                 self.client.kube.replace_run_status,
                 identity.namespace,
                 execution.name,
                 guards=self._guards(execution),
                 status=status,
             )
+            await asyncio.get_running_loop().run_in_executor(self._writer, write)
             logger.info(
                 "Run %s/%s attempt %s: %s.",
                 identity.namespace,
