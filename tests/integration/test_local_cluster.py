@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -146,3 +147,25 @@ def test_two_clusters_run_side_by_side_and_down_stops_everything(tmp_path: Path)
     assert completed.returncode == 0
     assert not any(cluster.pid_alive(pid) for pid in state.pids.values())
     assert not directory.exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_port_taken_before_binding_is_replaced_by_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Someone grabs the port `up` chose for etcd between the choice and etcd's bind.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    choices = iter([taken])
+    real_free_port = cluster._free_port
+    monkeypatch.setattr(cluster, "_free_port", lambda: next(choices, None) or real_free_port())
+    directory = tmp_path / "retry"
+    try:
+        state = cluster.up(directory)
+        assert state.ports["etcd"] != taken
+        assert len(state.live_pids()) == len(cluster.COMPONENT_ORDER)
+    finally:
+        cluster.down(directory)
+        squatter.close()
