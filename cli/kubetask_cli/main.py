@@ -167,6 +167,27 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from kubetask_cli import bench
+
+    try:
+        settings = bench.settings_from_arguments(vars(args))
+        report = bench.run(settings)
+    except bench.BenchError as exc:
+        print(f"kubetask bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kubetask bench: interrupted; stopped the processes it started.", file=sys.stderr)
+        return 130
+    table = bench.render_table(report)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(bench.to_json(report))
+    else:
+        print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetask", description="Background tasks on Kubernetes, the Hatchet way."
@@ -231,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     logs_parser = commands.add_parser("logs", help="print the log lines a run kept")
     logs_parser.add_argument("run")
     logs_parser.set_defaults(handler=_logs)
+
+    bench_parser = commands.add_parser(
+        "bench", help="measure throughput, latency and backlog against the API server's limit"
+    )
+    bench_parser.add_argument("--only", metavar="PARTS", help="limit,throughput,latency,backlog")
+    bench_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    for flag, text in (
+        ("--runs", "runs of the throughput part and objects of the limit (2000)"),
+        ("--workers", "worker processes (2)"),
+        ("--slots", "slots per worker (50)"),
+        ("--concurrency", "requests in flight: creates, operator writes, the limit (16)"),
+        ("--latency-runs", "runs of the latency part, one at a time (200)"),
+        ("--backlog-runs", "the large backlog (10000)"),
+        ("--backlog-baseline-runs", "the small backlog it is compared with (500)"),
+    ):
+        bench_parser.add_argument(flag, type=int, help=text)
+    bench_parser.add_argument("--logs", help="keep the operator's and workers' logs here")
+    bench_parser.set_defaults(handler=_bench)
 
     for sub in (run_parser, cancel_parser, logs_parser):
         sub.add_argument("-n", "--namespace", default=None, help="default: the kubeconfig's")

@@ -106,7 +106,8 @@ class Scheduler:
             self.planner.touch_all(
                 key for key, run in self.view.runs.items() if run.task_key in changed_tasks
             )
-        self.planner.keys.forget_except(runs)
+        # The view's own dict: a ChainMap would count its length by building a union of keys.
+        self.planner.keys.forget_except(self.view.runs)
         decision = self.planner.plan(
             runs=runs,
             tasks=self.view.tasks,
