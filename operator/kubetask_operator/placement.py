@@ -19,14 +19,10 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
+from kubetask.api import WorkerLabelComparator
 
-class Comparator(enum.StrEnum):
-    EQUAL = "Equal"
-    NOT_EQUAL = "NotEqual"
-    GREATER_THAN = "GreaterThan"
-    GREATER_THAN_OR_EQUAL = "GreaterThanOrEqual"
-    LESS_THAN = "LessThan"
-    LESS_THAN_OR_EQUAL = "LessThanOrEqual"
+# The API's enum is the one definition of the comparators.
+Comparator = WorkerLabelComparator
 
 
 class WaitReason(enum.StrEnum):

@@ -24,7 +24,7 @@ from kubetask_operator.decisions import (
     WorkerRecord,
 )
 from kubetask_operator.flow import ConcurrencyRule, RateLimitRecord, RateLimitUse, Strategy
-from kubetask_operator.placement import AffinityTerm, Comparator
+from kubetask_operator.placement import AffinityTerm
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def task_record(obj: Obj) -> TaskRecord:
             AffinityTerm(
                 key=label.key,
                 value=label.value,
-                comparator=Comparator(label.comparator.value),
+                comparator=label.comparator,
                 required=label.required,
                 weight=label.weight,
             )
