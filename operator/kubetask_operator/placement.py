@@ -7,8 +7,11 @@ the head of a task, the whole task is. The cost of a pass therefore grows with t
 assignments and groups, not with the number of waiting runs.
 
 Order: priority (3 first), then a time that is the run's arrival, or — for a group that takes
-turns with others (GroupRoundRobin) — the moment its key was last served if that is later. A key
+turns with others (GroupRoundRobin) — the turn its key was last served if that is later. A key
 that was just served thus goes behind the keys that waited, and freed capacity goes round-robin.
+A turn is the pass's time and the assignment's index within the pass, so that keys served in one
+pass keep the order they were served in: a tie on the time alone would go to the same key (by
+name) again and again whenever a pass has more free slots than there are keys.
 """
 
 from __future__ import annotations
@@ -156,6 +159,9 @@ def score(terms: Sequence[AffinityTerm], labels: Mapping[str, str]) -> int | Non
 
 
 _Order = tuple[int, datetime, int, str]
+_HeadOrder = tuple[int, datetime, int, int, str]
+Turn = tuple[datetime, int]
+"""When a round-robin key was last served: the pass's time, then the assignment's index in it."""
 Group = tuple[str, tuple[Cap, ...], tuple[Units, ...]]
 
 
@@ -243,6 +249,8 @@ class QueuePlacement:
     spent: dict[str, int]
     popped: dict[str, QueuedRun]
     """The assigned runs as they were queued."""
+    turns: dict[str, Turn]
+    """Round-robin keys served in this pass, with their last turn in it."""
 
 
 def place(
@@ -252,7 +260,7 @@ def place(
     *,
     running: Mapping[str, int] | None = None,
     budgets: Mapping[str, int] | None = None,
-    last_turn: Mapping[str, datetime] | None = None,
+    last_turn: Mapping[str, Turn] | None = None,
     now: datetime | None = None,
 ) -> PlacementResult:
     """`place_queue` over a list of runs, with a waiting reason for every run not assigned."""
@@ -278,7 +286,7 @@ def place_queue(
     *,
     running: Mapping[str, int] | None = None,
     budgets: Mapping[str, int] | None = None,
-    last_turn: Mapping[str, datetime] | None = None,
+    last_turn: Mapping[str, Turn] | None = None,
     now: datetime | None = None,
 ) -> QueuePlacement:
     """Assign queued runs to workers with free slots, within concurrency caps and budgets.
@@ -292,12 +300,13 @@ def place_queue(
     held = dict(running or {})
     left = dict(budgets or {})
     turns = dict(last_turn or {})
+    served: dict[str, Turn] = {}
     workers_by_task: dict[str, list[Worker]] = {}
     for worker in workers:
         for task in worker.tasks:
             workers_by_task.setdefault(task, []).append(worker)
 
-    heads: list[tuple[_Order, Group]] = []
+    heads: list[tuple[_HeadOrder, Group]] = []
     for group in queue.groups():
         head = queue.head(group)
         if head is not None:
@@ -334,19 +343,22 @@ def place_queue(
             left[use.budget] = left.get(use.budget, 0) - use.units
             spent[use.budget] = spent.get(use.budget, 0) + use.units
         if head.turn_key is not None and now is not None:
-            turns[head.turn_key] = now
+            turns[head.turn_key] = served[head.turn_key] = (now, len(assignments))
         assignments.append(Assignment(run=head.name, worker=choice.name))
         following = queue.head(group)
         if following is not None:
             heapq.heappush(heads, (_head_order(following, turns), group))
-    return QueuePlacement(assignments=assignments, blocked=blocked, spent=spent, popped=popped)
+    return QueuePlacement(
+        assignments=assignments, blocked=blocked, spent=spent, popped=popped, turns=served
+    )
 
 
-def _head_order(run: QueuedRun, turns: Mapping[str, datetime]) -> _Order:
-    moment = run.queued_at
+def _head_order(run: QueuedRun, turns: Mapping[str, Turn]) -> _HeadOrder:
+    # An arrival sorts before any turn given at the same time (index -1).
+    moment: Turn = (run.queued_at, -1)
     if run.turn_key is not None and run.turn_key in turns:
         moment = max(moment, turns[run.turn_key])
-    return (-run.priority, moment, run.seq, run.name)
+    return (-run.priority, moment[0], moment[1], run.seq, run.name)
 
 
 def _limited(run: QueuedRun, held: Mapping[str, int], left: Mapping[str, int]) -> WaitReason | None:

@@ -53,6 +53,7 @@ from kubetask_operator.placement import (
     Group,
     QueuedRun,
     RunQueue,
+    Turn,
     Units,
     WaitReason,
     Worker,
@@ -86,7 +87,7 @@ class Planner:
         self.limits = limits
         self.queue = RunQueue()
         self.keys = KeyMemo()
-        self.turns: dict[str, datetime] = {}
+        self.turns: dict[str, Turn] = {}
         self._dirty: set[Key] = set()
         self._timers: list[tuple[datetime, Key]] = []
         self._running: dict[Key, RunRecord] = {}
@@ -359,23 +360,20 @@ class Planner:
         )  # fmt: skip
 
         transitions = []
-        turns: dict[str, datetime] = {}
         for chosen in result.assignments:
             key = unscoped(chosen.run)
             run = runs[key]
             worker = live[unscoped(chosen.worker)]
             task = tasks.get(run.task_key) or TaskRecord(run.namespace, run.task)
             queued = result.popped[chosen.run]
-            if queued.turn_key is not None:
-                turns[queued.turn_key] = now
             needs = tuple(use.budget for use in queued.units)
             transitions.append(assignment(run, task, worker, now, needs=needs))
-        self.turns.update(turns)
+        self.turns.update(result.turns)
         spends = [
             Spend(budget=budgets[budget_id], used=budgets[budget_id].used + units)
             for budget_id, units in result.spent.items()
         ]
-        return _Placement(transitions, result.blocked, spends, turns, budgets)
+        return _Placement(transitions, result.blocked, spends, result.turns, budgets)
 
     def _budgets(
         self, rate_limits: Mapping[Key, RateLimitRecord], now: datetime
@@ -441,7 +439,7 @@ class _Placement:
     transitions: list[Transition]
     blocked: dict[Group, WaitReason]
     spends: list[Spend]
-    turns: dict[str, datetime]
+    turns: dict[str, Turn]
     budgets: dict[str, Budget]
 
 
@@ -479,7 +477,7 @@ def decide(
     limits: Limits,
     rate_limits: Mapping[Key, RateLimitRecord] | None = None,
     keys: KeyMemo | None = None,
-    last_turn: Mapping[str, datetime] | None = None,
+    last_turn: Mapping[str, Turn] | None = None,
 ) -> Decision:
     """One pass of a fresh planner over `runs`: every transition due at `now`."""
     planner = Planner(limits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -174,7 +176,7 @@ def test_freed_capacity_goes_round_robin_across_keys() -> None:
     # and a generous cap, each key gets a turn before a gets a second one.
     queue = [keyed(f"a{i}", "a", i, limit=9) for i in range(5)]
     queue += [keyed("b0", "b", 10, limit=9), keyed("c0", "c", 11, limit=9)]
-    last = {"t/0/a": T0 + timedelta(seconds=20)}  # a was served just now
+    last = {"t/0/a": (T0 + timedelta(seconds=20), 0)}  # a was served just now
     result = place(queue, [worker("w", slots=3)], {}, last_turn=last, now=T0 + timedelta(30))
     assert [a.run for a in result.assignments] == ["b0", "c0", "a0"]
 
@@ -235,3 +237,36 @@ def test_placement_never_exceeds_concurrency_caps_or_rate_budgets(
         for other in queue:
             if other.group == r.group and other.name in result.waiting:
                 assert other.order_key() > r.order_key()
+
+
+@settings(max_examples=300)
+@given(
+    backlogs=st.lists(st.integers(0, 8), min_size=1, max_size=6),
+    free=st.integers(0, 40),
+    arrivals=st.randoms(use_true_random=False),
+)
+def test_freed_capacity_is_shared_round_robin_across_waiting_keys(
+    backlogs: list[int], free: int, arrivals: random.Random
+) -> None:
+    # Keys with backlogs of different lengths, arrived in any interleaving, all before `now`,
+    # caps that never bind: no key may get a second run while another key still waits for its
+    # first, and in general two keys' shares differ by at most one while both still have runs.
+    queue = [
+        keyed(f"k{k}-{i}", f"k{k}", limit=99) for k, n in enumerate(backlogs) for i in range(n)
+    ]
+    times = list(range(len(queue)))
+    arrivals.shuffle(times)
+    queue = [
+        dataclasses.replace(r, queued_at=T0 + timedelta(seconds=t))
+        for r, t in zip(queue, times, strict=True)
+    ]
+    result = place(queue, [worker("w", slots=free)], {}, now=T0 + timedelta(hours=1))
+
+    share = {f"k{k}": 0 for k in range(len(backlogs))}
+    for assignment in result.assignments:
+        share[assignment.run.split("-")[0]] += 1
+    assert len(result.assignments) == min(free, len(queue))
+    for key, got in share.items():
+        for other, other_got in share.items():
+            if other_got < backlogs[int(other[1:])]:  # `other` still has runs waiting
+                assert got <= other_got + 1, (key, other, share)
