@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the local control plane (etcd, kube-apiserver, kube-scheduler, kube-controller-manager,
-# kubectl, kwok) from the Go module proxy into a cache outside the repository.
+# kubectl, kwok) and helm (the chart's tests install it) from the Go module proxy into a cache
+# outside the repository.
 #
 # Usage: hack/build-control-plane.sh            builds what is missing, prints the bin directory
 # Environment (all optional):
@@ -8,12 +9,15 @@
 #   KUBERNETES_VERSION   k8s.io/kubernetes tag; default v1.37.2 (newest release that Go 1.26 builds)
 #   ETCD_VERSION         go.etcd.io/etcd/server/v3 tag; default v3.6.17 (kubeadm's pairing)
 #   KWOK_VERSION         sigs.k8s.io/kwok tag; default v0.8.0
+#   HELM_VERSION         helm.sh/helm/v4 tag; default v4.3.2 (kept beside the others, rebuilt
+#                        when it changes: bin/helm.version records the one built)
 # Everything is built once per version triple; later runs find the binaries and return at once.
 set -euo pipefail
 
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.37.2}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.17}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v4.3.2}
 CACHE_ROOT=${KUBETASK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetask}
 DEST="$CACHE_ROOT/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
 BIN="$DEST/bin"
@@ -27,8 +31,9 @@ command -v go >/dev/null 2>&1 || die "Go is not installed or not on PATH; instal
 all_present() {
   local b
   for b in etcd kwok "${K8S_BINARIES[@]}"; do [ -x "$BIN/$b" ] || return 1; done
-  [ -s "$BIN/kwok-stages.yaml" ]
+  [ -s "$BIN/kwok-stages.yaml" ] && helm_present
 }
+helm_present() { [ -x "$BIN/helm" ] && [ "$(cat "$BIN/helm.version" 2>/dev/null)" = "$HELM_VERSION" ]; }
 if all_present; then
   echo "$BIN"
   exit 0
@@ -75,6 +80,17 @@ if [ ! -x "$BIN/kwok" ]; then
     "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" || die "building kwok failed"
   mv "$DEST/src/kwok-bin/kwok" "$BIN/kwok"
   say "kwok built ($(( $(date +%s) - started ))s so far)."
+fi
+
+# --- helm: no replace directives either. ---
+if ! helm_present; then
+  say "Building helm $HELM_VERSION ..."
+  GOBIN="$DEST/src/helm-bin" go install "${build_flags[@]}" \
+    -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" || die "building helm failed"
+  mv "$DEST/src/helm-bin/helm" "$BIN/helm"
+  echo "$HELM_VERSION" >"$BIN/helm.version"
+  say "helm built ($(( $(date +%s) - started ))s so far)."
 fi
 
 # --- KWOK's stages: the kwok binary embeds none, so the "fast" set shipped in its module (nodes

@@ -150,8 +150,10 @@ class Harness:
         self.processes.append(process)
         return process
 
-    def start_operator(self, name: str = "operator") -> subprocess.Popen[bytes]:
-        return self._spawn(name, ["operator", "-n", self.namespace], self.env)
+    def start_operator(
+        self, name: str = "operator", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self._spawn(name, ["operator", "-n", self.namespace], {**self.env, **(env or {})})
 
     def start_worker(
         self,
@@ -162,6 +164,7 @@ class Harness:
         node: str | None = None,
         name: str | None = None,
         target: str = "tests.integration.taskbook:worker_from_environment",
+        env: dict[str, str] | None = None,
     ) -> tuple[subprocess.Popen[bytes], str]:
         """Start a worker process and return it with its Pod's name once its Lease exists."""
         worker_name = name or random_name("w")
@@ -171,6 +174,7 @@ class Harness:
             "KT_TASKS": tasks,
             "KT_SLOTS": str(slots),
             "KT_LABELS": json.dumps(labels or {}),
+            **(env or {}),
         }
         args = ["worker", target]
         if node:
