@@ -10,10 +10,15 @@ KT=.venv/bin/kubetask
 
 if [ "${1:-}" = "--down" ]; then
   dir=$2
+  # The worker deletes its Pod when it stops, so it is waited for (up to 20 s) while the API
+  # server still runs; only then does the cluster go.
   for name in worker operator; do
     pidfile="$dir-$name.pid"
     if [ -f "$pidfile" ]; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$pid" 2>/dev/null || true
       rm -f "$pidfile"
       echo "Stopped the $name."
     fi
