@@ -156,6 +156,8 @@ class Decision:
     wake_at: datetime | None
     queued: int
     """Runs waiting for a worker after this decision (for the queue-depth metric)."""
+    live_workers: int
+    """Workers that count as live at this decision's time (for the live-workers metric)."""
     task_workers: dict[tuple[str, str], int]
     """Tasks whose `status.workers` differs from the live workers serving them now."""
     task_conditions: dict[tuple[str, str], dict[str, str]] = dataclasses.field(default_factory=dict)

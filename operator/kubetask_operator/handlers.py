@@ -19,7 +19,6 @@ import kopf
 from kubernetes import client
 from prometheus_client import start_http_server
 
-from kubetask_operator import metrics
 from kubetask_operator.scheduler import GROUP, VERSION, Scheduler
 from kubetask_operator.settings import OperatorSettings
 from kubetask_operator.view import WORKER_LABEL, ClusterView
@@ -93,7 +92,6 @@ def build_registry(
     )  # fmt: skip
     async def lease_event(event: kopf.RawEvent, **_: Any) -> None:
         _apply(event, view.upsert_lease, view.delete_lease)
-        metrics.LIVE_WORKERS.set(len(view.leases))
         scheduler.poke()
 
     @kopf.on.event("v1", "nodes", registry=registry)

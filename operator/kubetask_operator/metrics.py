@@ -14,7 +14,9 @@ WRITE_CONFLICTS = Counter(
     "Status writes refused because the run changed since the decision; decided again.",
 )
 QUEUED_RUNS = Gauge("kubetask_queued_runs", "Runs waiting for a worker after the last pass.")
-LIVE_WORKERS = Gauge("kubetask_live_workers", "Worker pods with a fresh heartbeat.")
+LIVE_WORKERS = Gauge(
+    "kubetask_live_workers", "Ready worker pods with a fresh heartbeat, as of the last pass."
+)
 PASS_SECONDS = Histogram(
     "kubetask_scheduling_pass_seconds",
     "Time one scheduling pass spends deciding, in seconds.",

@@ -185,6 +185,7 @@ class Planner:
             transitions=transitions,
             wake_at=wake.earliest,
             queued=len(self.queue),
+            live_workers=len(live),
             task_workers=task_worker_changes(tasks, live.values()),
             task_conditions=expression_conditions(tasks, now),
             spends=placement.spends,

@@ -117,6 +117,7 @@ class Scheduler:
         )
         metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         metrics.QUEUED_RUNS.set(decision.queued)
+        metrics.LIVE_WORKERS.set(decision.live_workers)
         transitions = [
             t for t in decision.transitions if (t.namespace, t.name) not in self._in_flight
         ]

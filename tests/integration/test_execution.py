@@ -6,7 +6,9 @@ import itertools
 import json
 import os
 import signal
+import socket
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -280,3 +282,31 @@ def test_kubectl_apply_of_the_hello_example_completes(harness: Harness, kubectl:
 
     assert run["status"]["phase"] == "Completed"
     assert run["status"]["output"] == {"greeting": "Hello, world!"}
+
+
+def test_the_operator_serves_prometheus_metrics(harness: Harness) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    harness.start_operator(env={"KUBETASK_METRICS_PORT": str(port)})
+    harness.start_worker(tasks="echo")
+    assert phase(harness.wait_final(harness.create_run("echo", {"value": "m"}))) == "Completed"
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the operator never served /metrics"
+            time.sleep(0.2)
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kubetask_")
+    }
+    assert samples['kubetask_run_transitions_total{reason="Assigned"}'] >= 1
+    assert samples["kubetask_live_workers"] == 1
+    assert samples["kubetask_queued_runs"] == 0
+    assert samples["kubetask_scheduling_pass_seconds_count"] >= 1
