@@ -1,7 +1,8 @@
 """The scheduling loop: decide over the view, write the transitions, repeat when woken.
 
-One pass looks at every open run; it runs whenever a watch event arrives (many events coalesce
-into one pass) or when the next deadline, `runAt`, backoff or heartbeat limit falls due.
+A pass runs whenever a watch event arrives (events that arrive together coalesce into one pass)
+or when the next deadline, `runAt`, backoff, window or heartbeat limit falls due; the planner
+looks only at the runs that changed or fell due and at the heads of the queue.
 """
 
 from __future__ import annotations
