@@ -62,6 +62,10 @@ from kubetask_operator.placement import (
 
 Key = tuple[str, str]
 
+#: Round-robin turns kept before keys with no queued runs are pruned (then twice what is left).
+#: Small enough to be a few hundred KiB, large enough that pruning is rare.
+MIN_TURNS_BOUND = 1024
+
 
 def scoped(namespace: str, name: str) -> str:
     """Placement works on flat names; a namespace prefix keeps namespaces apart."""
@@ -88,6 +92,7 @@ class Planner:
         self.queue = RunQueue()
         self.keys = KeyMemo()
         self.turns: dict[str, Turn] = {}
+        self._turns_bound = MIN_TURNS_BOUND
         self._dirty: set[Key] = set()
         self._timers: list[tuple[datetime, Key]] = []
         self._running: dict[Key, RunRecord] = {}
@@ -370,6 +375,12 @@ class Planner:
             needs = tuple(use.budget for use in queued.units)
             transitions.append(assignment(run, task, worker, now, needs=needs))
         self.turns.update(result.turns)
+        if len(self.turns) > self._turns_bound:
+            # A turn only orders the queued runs of its key; a key with none waiting forgets it,
+            # and its next run competes by arrival. Pruning when the map has doubled keeps the
+            # cost per pass constant on average.
+            self.turns = {key: turn for key, turn in self.turns.items() if self.queue.holding(key)}
+            self._turns_bound = max(MIN_TURNS_BOUND, 2 * len(self.turns))
         spends = [
             Spend(budget=budgets[budget_id], used=budgets[budget_id].used + units)
             for budget_id, units in result.spent.items()

@@ -10,7 +10,7 @@ from kubetask.lifecycle import Phase
 from kubetask_operator.decisions import Limits, RunRecord, TaskRecord, WorkerRecord
 from kubetask_operator.flow import ConcurrencyRule, RateLimitRecord, RateLimitUse, Strategy
 from kubetask_operator.limits import ExpressionError, render_key, window_at
-from kubetask_operator.planner import decide
+from kubetask_operator.planner import MIN_TURNS_BOUND, Planner, decide
 
 NOW = datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
 LIMITS = Limits(timedelta(seconds=30), 10, timedelta(seconds=5))
@@ -131,3 +131,30 @@ def test_a_failing_expression_fails_only_that_run() -> None:
         "broken": ("Failed", "InvalidInput"),
         "ok": ("Running", "Assigned"),
     }
+
+
+def test_round_robin_turns_are_kept_only_for_keys_with_runs_waiting() -> None:
+    task = TaskRecord("ns", "t", concurrency=(ConcurrencyRule("input.user", 1),))
+    tasks = {("ns", "t"): task}
+    many = MIN_TURNS_BOUND + 500
+
+    # Every key has a second run waiting behind its first: all turns still order something.
+    planner = Planner(LIMITS)
+    runs = {
+        (r.namespace, r.name): r
+        for i in range(many)
+        for r in (
+            run_record(f"a{i}", f"u{i}", seq=2 * i),
+            run_record(f"b{i}", f"u{i}", seq=2 * i + 1),
+        )
+    }
+    planner.touch_all(runs)
+    planner.plan(runs=runs, tasks=tasks, workers=[worker(slots=2 * many)], now=NOW)
+    assert len(planner.turns) == many
+
+    # Every key's only run is assigned: no key has anything waiting, so no turn is worth keeping.
+    planner = Planner(LIMITS)
+    runs = {("ns", f"a{i}"): run_record(f"a{i}", f"u{i}", seq=i) for i in range(many)}
+    planner.touch_all(runs)
+    planner.plan(runs=runs, tasks=tasks, workers=[worker(slots=many)], now=NOW)
+    assert planner.turns == {}
