@@ -35,7 +35,7 @@ def run(
     from kubetask import _kube
 
     settings = settings or OperatorSettings.from_environment()
-    api_client = _kube.load_api_client(kubeconfig)
+    api_client = _kube.load_api_client(kubeconfig, component="kubetask-operator")
     registry = build_registry(api_client, settings, namespaces=namespaces)
 
     asyncio.run(

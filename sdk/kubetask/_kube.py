@@ -6,6 +6,7 @@ an event loop run these in threads.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from collections.abc import Iterator
@@ -38,7 +39,19 @@ class StaleAttemptError(Exception):
 CONNECTION_POOL_SIZE = 64
 
 
-def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
+def user_agent(component: str) -> str:
+    """`component/version`. The API server names a write's field manager after the part before
+    the slash, so managedFields and audit logs tell the SDK, the workers and the operator apart."""
+    try:
+        version = importlib.metadata.version("kubetask")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{component}/{version}"
+
+
+def load_api_client(
+    kubeconfig: str | None = None, *, component: str = "kubetask"
+) -> client.ApiClient:
     """The in-cluster service account inside a pod, else the kubeconfig (KUBECONFIG, ~/.kube)."""
     configuration = client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -46,7 +59,9 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     else:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
-    return client.ApiClient(configuration)
+    api_client = client.ApiClient(configuration)
+    api_client.user_agent = user_agent(component)
+    return api_client
 
 
 def default_namespace(kubeconfig: str | None = None) -> str:

@@ -142,6 +142,8 @@ class Worker:
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(signum, self.stop)
+        # From here on this process writes as a worker (its field manager in managedFields).
+        self.client.api_client.user_agent = _kube.user_agent("kubetask-worker")
         identity = await asyncio.to_thread(self._claim_pod)
         self.identity = identity
         # Sync task functions run in threads; a cancelled one keeps its thread until it returns,

@@ -37,6 +37,10 @@ def test_a_run_completes_with_its_output_and_logs(harness: Harness) -> None:
     assert status["logs"] == ["echo hi"]
     assert status["worker"].startswith("w-")
     assert status["node"] == "kwok-node-0"
+    # The worker's result write names it in managedFields (it took over the whole status).
+    assert {(f["manager"], f.get("subresource")) for f in run["metadata"]["managedFields"]} >= {
+        ("kubetask-worker", "status")
+    }
 
 
 def test_a_worker_never_runs_more_than_its_slots(
@@ -150,6 +154,8 @@ def test_schedule_timeout_cancels_a_run_nobody_takes(harness: Harness) -> None:
     run = harness.wait_final(name, timeout=20)
 
     assert (run["status"]["phase"], run["status"]["reason"]) == ("Cancelled", "ScheduleTimeout")
+    managers = {(f["manager"], f.get("subresource")) for f in run["metadata"]["managedFields"]}
+    assert ("kubetask-operator", "status") in managers
 
 
 def test_execution_timeout_cancels_the_attempt_and_spends_a_retry(harness: Harness) -> None:
