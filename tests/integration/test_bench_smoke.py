@@ -69,3 +69,15 @@ def test_the_writes_behind_writes_per_run_are_broken_down(report: dict[str, Any]
 
     assert writes and all(count > 0 for count in writes.values())
     assert sum(writes.values()) / runs == pytest.approx(report["writes_per_run"], abs=0.01)
+
+
+def test_both_sides_of_the_ratio_are_the_best_of_two_alternating_samples(
+    report: dict[str, Any],
+) -> None:
+    limits = report["details"]["limit"]["samples_per_s"]
+    throughputs = report["details"]["throughput"]["samples_per_s"]
+
+    assert len(limits) == len(throughputs) == 2
+    assert report["limit_per_s"] == max(limits)
+    assert report["throughput_per_s"] == max(throughputs)
+    assert report["ratio"] == pytest.approx(max(throughputs) / max(limits), abs=0.01)
