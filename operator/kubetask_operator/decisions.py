@@ -28,7 +28,7 @@ from kubetask_operator.flow import (
     RateLimitUse,
 )
 from kubetask_operator.limits import ExpressionError, compile_expression
-from kubetask_operator.placement import AffinityTerm, Turn, WaitReason
+from kubetask_operator.placement import AffinityTerm, WaitReason
 
 WAITING_CONDITION = "Waiting"
 NORMAL_WAITS = frozenset({WaitReason.SLOTS_BUSY, WaitReason.CONCURRENCY_LIMITED})
@@ -163,8 +163,6 @@ class Decision:
     task_conditions: dict[tuple[str, str], dict[str, str]] = dataclasses.field(default_factory=dict)
     """Tasks whose ExpressionsValid condition must change, with the new condition."""
     spends: list[Spend] = dataclasses.field(default_factory=list)
-    turns: dict[str, Turn] = dataclasses.field(default_factory=dict)
-    """Round-robin keys given a run in this pass, with their turn (for the next passes)."""
 
 
 EXPRESSIONS_CONDITION = "ExpressionsValid"

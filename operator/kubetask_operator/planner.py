@@ -194,7 +194,6 @@ class Planner:
             task_workers=task_worker_changes(tasks, live.values()),
             task_conditions=expression_conditions(tasks, now),
             spends=placement.spends,
-            turns=placement.turns,
         )
 
     # --- reviewing runs ----------------------------------------------------------------------
@@ -385,7 +384,7 @@ class Planner:
             Spend(budget=budgets[budget_id], used=budgets[budget_id].used + units)
             for budget_id, units in result.spent.items()
         ]
-        return _Placement(transitions, result.blocked, spends, result.turns, budgets)
+        return _Placement(transitions, result.blocked, spends, budgets)
 
     def _budgets(
         self, rate_limits: Mapping[Key, RateLimitRecord], now: datetime
@@ -451,7 +450,6 @@ class _Placement:
     transitions: list[Transition]
     blocked: dict[Group, WaitReason]
     spends: list[Spend]
-    turns: dict[str, Turn]
     budgets: dict[str, Budget]
 
 
