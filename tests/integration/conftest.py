@@ -28,6 +28,21 @@ from kubetask_cli import cluster
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_command(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None,
+    timeout: float,
+    cwd: Path | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end and keep its output as text; the caller judges the exit code."""
+    return subprocess.run(
+        argv, input=input, capture_output=True, text=True, env=env, cwd=cwd, check=False,
+        timeout=timeout,
+    )  # fmt: skip
+
+
 class Kubectl(Protocol):
     def __call__(
         self, *args: str, input: str | None = None, check: bool = True
@@ -71,15 +86,7 @@ def kubectl(kubectl_env: dict[str, str]) -> Kubectl:
     def run(
         *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        completed = subprocess.run(
-            ["kubectl", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=kubectl_env,
-            check=False,
-            timeout=60,
-        )
+        completed = run_command(["kubectl", *args], env=kubectl_env, timeout=60, input=input)
         if check and completed.returncode != 0:
             raise AssertionError(
                 f"kubectl {' '.join(args)} exited {completed.returncode}: {completed.stderr}"

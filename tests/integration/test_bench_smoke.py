@@ -7,7 +7,6 @@ are for `make bench` on a quiet machine (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from kubetask_cli import cluster
 
-from .conftest import REPO
+from .conftest import REPO, run_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,14 +31,14 @@ NUMBER_KEYS = (
 
 @pytest.fixture(scope="module")
 def report(cluster_state: cluster.ClusterState, kubectl_env: dict[str, str]) -> dict[str, Any]:
-    completed = subprocess.run(
+    completed = run_command(
         [
             sys.executable, "-m", "kubetask_cli.main", "bench", "--json",
             "--runs", "50", "--latency-runs", "10",
             "--backlog-runs", "40", "--backlog-baseline-runs", "20",
             "--workers", "1", "--slots", "8", "--concurrency", "4",
         ],
-        env=kubectl_env, cwd=REPO, capture_output=True, text=True, timeout=220, check=False,
+        env=kubectl_env, cwd=REPO, timeout=220,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-4000:]
     parsed: dict[str, Any] = json.loads(completed.stdout)

@@ -10,15 +10,13 @@ import pytest
 
 from kubetask_cli import cluster
 
-from .conftest import REPO, Harness, Kubectl, random_name
+from .conftest import REPO, Harness, Kubectl, random_name, run_command
 
 pytestmark = pytest.mark.integration
 
 
 def helm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["helm", *args], env=env, capture_output=True, text=True, check=False, timeout=180
-    )
+    return run_command(["helm", *args], env=env, timeout=180)
 
 
 def service_account_kubeconfig(

@@ -10,7 +10,7 @@ import pytest
 
 from kubetask_cli import cluster
 
-from .conftest import REPO
+from .conftest import REPO, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -18,14 +18,8 @@ pytestmark = pytest.mark.integration
 def make(target: str, cluster_dir: Path) -> subprocess.CompletedProcess[str]:
     # The session's cluster stays out of it: make dev finds its own through CLUSTER_DIR.
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "MAKEFLAGS")}
-    return subprocess.run(
-        ["make", "-s", target, f"CLUSTER_DIR={cluster_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=240,
+    return run_command(
+        ["make", "-s", target, f"CLUSTER_DIR={cluster_dir}"], env=env, timeout=240, cwd=REPO
     )
 
 

@@ -14,20 +14,13 @@ import pytest
 
 from kubetask_cli import cluster
 
-from .conftest import Kubectl, random_name
+from .conftest import Kubectl, random_name, run_command
 
 pytestmark = pytest.mark.integration
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kubetask_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=180,
-    )
+    return run_command([sys.executable, "-m", "kubetask_cli.main", *args], env=env, timeout=180)
 
 
 def test_readyz_answers_ok(kubectl: Kubectl) -> None:

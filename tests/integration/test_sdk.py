@@ -16,7 +16,7 @@ from kubernetes import client
 from kubetask import KubeTask, RunFailedError, TaskDefinition
 
 from . import taskbook
-from .conftest import Harness
+from .conftest import Harness, run_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -145,9 +145,9 @@ def test_the_task_lists_its_live_workers(harness: Harness) -> None:
 
 
 def cli(harness: Harness, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return run_command(
         [sys.executable, "-m", "kubetask_cli.main", *args, "-n", harness.namespace],
-        capture_output=True, text=True, env=harness.env, timeout=60, check=False,
+        env=harness.env, timeout=60,
     )  # fmt: skip
 
 
